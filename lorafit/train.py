@@ -1,0 +1,316 @@
+"""`lorafit train`: recipe -> base model + LoRA -> training loop -> adapter, checkpoints, metrics.
+
+`train(recipe)` reads top to bottom: prepare the output directory, load data and model, add
+LoRA, fit, evaluate, save. The loop's state is a handful of local variables; batches are a pure
+function of (seed, epoch), so resuming later only needs the step counter.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from lorafit.adapter import AdapterSpec, save_adapter, write_adapter_files
+from lorafit.data import ClassificationData, TokenizedSplit, batch_order, collate, load_classification_data, steps_per_epoch, tokenize
+from lorafit.errors import LorafitError
+from lorafit.evaluate import evaluate
+from lorafit.io import atomic_directory, write_json
+from lorafit.lora import LoraPlan, add_lora, classification_head
+from lorafit.models import load_model, load_tokenizer, model_max_length, resolve_model
+from lorafit.recipe import Recipe, dump_recipe
+
+log = logging.getLogger("lorafit")
+
+
+# ---------------------------------------------------------------- hardware
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 matmuls natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
+    if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
+        return torch.float32
+    return torch.bfloat16
+
+
+def autocast_for(device: torch.device, dtype: torch.dtype):
+    """A context-manager factory: bf16 autocast, or nothing for fp32."""
+    if dtype == torch.float32:
+        return nullcontext
+    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------- schedule and optimizer
+
+
+def lr_lambda(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """Learning-rate multiplier at optimizer step `step` (0-based): linear warmup, then `kind`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return 1.0
+
+
+def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """Only trainable parameters; no weight decay on biases and norm weights (1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": recipe.optim.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    opt = recipe.optim
+    if opt.name == "adamw":
+        return torch.optim.AdamW(groups, lr=opt.lr)
+    if opt.name == "adam":
+        return torch.optim.Adam(groups, lr=opt.lr)
+    return torch.optim.SGD(groups, lr=opt.lr, momentum=0.9)
+
+
+# ---------------------------------------------------------------- output
+
+
+class MetricsLog:
+    """metrics.jsonl: one JSON object per line, flushed as written so a crash loses nothing."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def prepare_output_dir(path: Path, overwrite: bool) -> None:
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise LorafitError(f"output directory {path} exists and is not empty; pass --overwrite to replace it "
+                               f"or choose another with --output-dir")
+        for name in ("metrics.jsonl", "recipe.yaml", "summary.json"):
+            (path / name).unlink(missing_ok=True)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def plan_table(plan: LoraPlan, recipe: Recipe) -> Table:
+    table = Table(title="LoRA plan", show_header=False, box=None)
+    layers = sorted({t.rsplit(".", 1)[-1] for t in plan.targets})
+    table.add_row("adapted layers", f"{len(plan.targets)} ({', '.join(layers)})")
+    table.add_row("rank / alpha", f"{recipe.lora.rank} / {recipe.lora.alpha:g}"
+                  + (" (rsLoRA)" if recipe.lora.use_rslora else ""))
+    table.add_row("trained in full", ", ".join(plan.modules_to_save) or "-")
+    table.add_row("trainable params", f"{plan.trainable_params:,} of {plan.total_params:,} "
+                  f"({100 * plan.trainable_params / plan.total_params:.2f}%)")
+    return table
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass
+class Setup:
+    """Everything `train` builds before the loop starts."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    plan: LoraPlan
+    spec: AdapterSpec
+    data: ClassificationData
+
+
+def setup(recipe: Recipe, console: Console) -> Setup:
+    """Load data, the base model and its tokenizer; add LoRA. Nothing is written."""
+    seed_everything(recipe.seed)
+    source = resolve_model(recipe.model.name, recipe.model.trust_remote_code)
+    console.print(f"[bold]model[/] {recipe.model.name} from {source.note}")
+    data = load_classification_data(recipe.data, recipe.seed)
+    tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
+    model = load_model(source, recipe.model.task, tokenizer, data.labels, recipe.model.trust_remote_code)
+    limit = model_max_length(model)
+    if limit and recipe.data.max_length > limit:
+        raise LorafitError(f"data.max_length: {recipe.data.max_length} is above the model's limit of {limit} tokens; "
+                           f"use at most {limit}")
+    head = classification_head(model)
+    saved = list(recipe.lora.modules_to_save)
+    if head and not any(head == m or head.endswith("." + m) for m in saved):
+        saved.append(head)
+    plan = add_lora(model, recipe.lora.rank, recipe.lora.alpha, recipe.lora.target_modules,
+                    dropout=recipe.lora.dropout, use_rslora=recipe.lora.use_rslora, modules_to_save=saved)
+    spec = AdapterSpec(
+        base_model=recipe.model.name, task=recipe.model.task, rank=recipe.lora.rank, alpha=recipe.lora.alpha,
+        dropout=recipe.lora.dropout, target_modules=recipe.lora.target_modules, modules_to_save=saved,
+        use_rslora=recipe.lora.use_rslora, labels=data.labels,
+        meta={"max_length": recipe.data.max_length, "trust_remote_code": recipe.model.trust_remote_code,
+              "recipe": recipe.to_dict()},
+    )
+    return Setup(model, tokenizer, plan, spec, data)
+
+
+def save_checkpoint(directory: Path, s: Setup, optimizer, scheduler, step: int, epoch: int) -> None:
+    """A complete adapter plus the optimizer state, written atomically."""
+    with atomic_directory(directory) as tmp:
+        write_adapter_files(tmp, s.model, s.plan, s.spec)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        write_json(tmp / "trainer_state.json", {"step": step, "epoch": epoch})
+
+
+def train(recipe: Recipe, console: Console | None = None, overwrite: bool = False, dry_run: bool = False) -> dict:
+    """Run a recipe end to end. Returns the final metrics ({split: {metric: value}})."""
+    console = console or Console()
+    out = recipe.output_dir
+    if not dry_run:
+        prepare_output_dir(out, overwrite)
+    s = setup(recipe, console)
+    console.print(plan_table(s.plan, recipe))
+    if dry_run:
+        console.print(dump_recipe(recipe), markup=False, highlight=False)
+        return {}
+
+    device = pick_device()
+    dtype = resolve_precision(recipe.train.precision, device)
+    named = {"train": s.data.train, "eval": s.data.eval, "test": s.data.test}
+    splits = {name: tokenize(split, s.tokenizer, recipe.data.max_length) for name, split in named.items() if split}
+    autocast = autocast_for(device, dtype)
+    s.model.to(device)
+    console.print(f"[bold]device[/] {device.type}, precision {'bf16' if dtype == torch.bfloat16 else 'fp32'}; "
+                  f"{len(splits['train'])} train / {len(splits['eval'])} eval examples")
+    (out / "recipe.yaml").write_text(dump_recipe(recipe))
+    metrics_log = MetricsLog(out / "metrics.jsonl")
+    try:
+        final = fit(recipe, s, splits, device, autocast, out, metrics_log, console)
+    finally:
+        metrics_log.close()
+    save_adapter(out / "adapter", s.model, s.plan, s.spec)
+    write_json(out / "summary.json", final)
+    console.print(f"[bold green]done[/]: adapter in {out / 'adapter'}")
+    return final
+
+
+def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: torch.device, autocast, out: Path, metrics_log: MetricsLog,
+        console: Console) -> dict:
+    cfg = recipe.train
+    train_split = splits["train"]
+    lengths = train_split.lengths
+    pad_id = s.tokenizer.pad_token_id
+    eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
+    per_epoch = steps_per_epoch(len(train_split), cfg.batch_size, cfg.grad_accum_steps)
+    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    warmup_steps = round(recipe.optim.warmup_ratio * total_steps)
+
+    optimizer = build_optimizer(s.model, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, functools.partial(lr_lambda, warmup_steps=warmup_steps, total_steps=total_steps,
+                                     kind=recipe.optim.scheduler))
+    trainable = [p for p in s.model.parameters() if p.requires_grad]
+    max_norm = recipe.optim.max_grad_norm or float("inf")
+
+    def run_eval(split_name: str, step: int) -> dict:
+        metrics = evaluate(s.model, splits[split_name], eval_batch_size, pad_id, device, autocast)
+        metrics_log.write({"step": step, "split": split_name, **metrics})
+        console.print(f"step {step} [bold]{split_name}[/]: loss {metrics['loss']:.4f}, "
+                      f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+        return metrics
+
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+    task = progress.add_task("train", total=total_steps, loss="-", rate="-")
+    s.model.train()
+    step, epoch = 0, 0
+    start = window_start = time.perf_counter()
+    window_loss, window_batches, window_samples, window_tokens = 0.0, 0, 0, 0
+    with progress:
+        while step < total_steps:
+            batches = batch_order(lengths, cfg.batch_size, recipe.seed, epoch, cfg.group_by_length)
+            for first in range(0, len(batches), cfg.grad_accum_steps):
+                micro = batches[first:first + cfg.grad_accum_steps]
+                n_samples = sum(len(b) for b in micro)
+                loss_sum = 0.0
+                for indices in micro:
+                    batch = {k: v.to(device) for k, v in collate(train_split, indices, pad_id).items()}
+                    with autocast():
+                        logits = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    # Sum over examples / all examples of the step: the mean over the whole step.
+                    loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / n_samples
+                    loss.backward()
+                    loss_sum += loss.item()
+                    window_tokens += int(batch["attention_mask"].sum())
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_loss += loss_sum
+                window_batches += 1
+                window_samples += n_samples
+                progress.update(task, advance=1, loss=f"{loss_sum:.4f}")
+
+                if step % cfg.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    seconds = max(now - window_start, 1e-9)
+                    record = {
+                        "step": step,
+                        "epoch": round(epoch + min(1.0, (first + len(micro)) / len(batches)), 4),
+                        "loss": window_loss / window_batches,
+                        "lr": scheduler.get_last_lr()[0],
+                        "grad_norm": grad_norm,
+                        "samples_per_s": window_samples / seconds,
+                        "tokens_per_s": window_tokens / seconds,
+                        "elapsed_s": now - start,
+                    }
+                    metrics_log.write(record)
+                    progress.update(task, rate=f"{record['samples_per_s']:.1f}")
+                    window_start = now
+                    window_loss, window_batches, window_samples, window_tokens = 0.0, 0, 0, 0
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+                    run_eval("eval", step)
+                    window_start = time.perf_counter()  # evaluation time is not training throughput
+                if cfg.save_every and step % cfg.save_every == 0:
+                    save_checkpoint(out / "checkpoints" / f"step-{step}", s, optimizer, scheduler, step, epoch)
+                if step >= total_steps:
+                    break
+            epoch += 1
+
+    final = {"train_time_s": time.perf_counter() - start, "steps": step}
+    final["eval"] = run_eval("eval", step)
+    if "test" in splits:
+        final["test"] = run_eval("test", step)
+    return final

@@ -1,0 +1,134 @@
+"""Shared fixtures: tiny random models built from configs, a word-level tokenizer, toy data files.
+
+The toy task is learnable: each text is filler words plus two keywords that name its class.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+FILLER = "the a of and to in is it that was for on are with as this be at by".split()
+KEYWORDS = {"sports": ["ball", "goal", "team"], "space": ["orbit", "rocket", "moon"], "tech": ["disk", "chip", "driver"]}
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
+VOCAB = SPECIALS + FILLER + [w for words in KEYWORDS.values() for w in words]
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="[CLS] $A", special_tokens=[("[CLS]", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                   cls_token="[CLS]", sep_token="[SEP]", eos_token="[EOS]")
+
+
+def tiny_config(kind: str):
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    common = {"vocab_size": len(VOCAB), "pad_token_id": 0}
+    if kind == "bert":
+        return BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                          max_position_embeddings=64, **common)
+    if kind == "gpt2":
+        return GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, bos_token_id=4, eos_token_id=4, **common)
+    if kind == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           num_key_value_heads=1, max_position_embeddings=64, bos_token_id=2, eos_token_id=4,
+                           **common)
+    raise ValueError(kind)
+
+
+def save_tiny_model(directory: Path, kind: str, num_labels: int = 3) -> Path:
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    config = tiny_config(kind)
+    config.num_labels = num_labels
+    model = AutoModelForSequenceClassification.from_config(config)
+    model.save_pretrained(directory)
+    make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random BERT, GPT-2 (Conv1D) and Llama classification models saved to disk."""
+    root = tmp_path_factory.mktemp("models")
+    return {kind: save_tiny_model(root / kind, kind) for kind in ("bert", "gpt2", "llama")}
+
+
+def toy_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = sorted(KEYWORDS)[i % len(KEYWORDS)]
+        words = rng.choices(FILLER, k=rng.randint(2, 6))
+        for _ in range(2):
+            words.insert(rng.randint(0, len(words)), rng.choice(KEYWORDS[label]))
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return {
+        "train": write_jsonl(root / "train.jsonl", toy_rows(96, seed=1)),
+        "validation": write_jsonl(root / "validation.jsonl", toy_rows(24, seed=2)),
+        "test": write_jsonl(root / "test.jsonl", toy_rows(24, seed=3)),
+    }
+
+
+def toy_recipe(model_dir: Path, data: dict[str, Path], output_dir: Path, **sections) -> dict:
+    """A recipe dict for the toy task; `sections` update its sections, e.g. train={"max_steps": 5}."""
+    recipe = {
+        "name": "toy",
+        "seed": 0,
+        "model": {"name": str(model_dir), "task": "sequence-classification"},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"path": "json", "data_files": {k: str(v) for k, v in data.items()}, "eval_split": "validation",
+                 "test_split": "test", "max_length": 32},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "train": {"epochs": 1, "batch_size": 8, "log_every": 2, "eval_every": 10, "save_every": 10,
+                  "output_dir": str(output_dir)},
+    }
+    for section, values in sections.items():
+        recipe[section].update(values)
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def run_cli():
+    """Invoke the lorafit CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from lorafit.cli import app
+
+    runner = CliRunner()
+
+    def run(*args: str):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return run
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
