@@ -207,6 +207,7 @@ def load_adapter_model(directory: Path, base: str | None = None):
         labels = _labels_from_head(weights, spec.modules_to_save)
         if labels is None:
             raise LorafitError(f"{directory}: cannot tell the number of classes (no lorafit.json, no saved head)")
+        spec.labels = labels
     model = load_model(source, spec.task, tokenizer, labels, trust_remote_code=trust)
     # PEFT lists both `classifier` and `score` for SEQ_CLS; keep the ones this model has.
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {n for n, _ in model.named_modules()}

@@ -118,6 +118,9 @@ def find_targets(model: nn.Module, target_modules: list[str] | str, exclude: lis
             f"lora.target_modules: none of {target_modules} matches a module of the model; "
             f"its linear layers are named {linear_names[:12]}"
         )
+    wrapped = [n for n in found if isinstance(named[n], LoRALinear)]
+    if wrapped:
+        raise LorafitError(f"{wrapped[0]} already has LoRA; a layer can be adapted only once")
     unsupported = [n for n in found if not is_linear(named[n])]
     if unsupported:
         kind = type(named[unsupported[0]]).__name__
@@ -158,6 +161,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str
     The model is changed in place. Raises `LorafitError` when a target matches nothing, a target
     is not a linear layer, or a layer already has LoRA.
     """
+    existing = next((n for n, m in model.named_modules() if isinstance(m, LoRALinear)), None)
+    if existing is not None:
+        raise LorafitError(f"{existing} already has LoRA; a model takes one adapter, so add LoRA only once")
     saved = find_modules_to_save(model, list(modules_to_save))
     targets = find_targets(model, target_modules, exclude=saved)
     for param in model.parameters():

@@ -92,14 +92,14 @@ def toy_data(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def toy_recipe(model_dir: Path, data: dict[str, Path], output_dir: Path, **sections) -> dict:
+def toy_recipe(model_dir: Path, data_files: dict[str, Path], output_dir: Path, **sections) -> dict:
     """A recipe dict for the toy task; `sections` update its sections, e.g. train={"max_steps": 5}."""
     recipe = {
         "name": "toy",
         "seed": 0,
         "model": {"name": str(model_dir), "task": "sequence-classification"},
         "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
-        "data": {"path": "json", "data_files": {k: str(v) for k, v in data.items()}, "eval_split": "validation",
+        "data": {"path": "json", "data_files": {k: str(v) for k, v in data_files.items()}, "eval_split": "validation",
                  "test_split": "test", "max_length": 32},
         "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
         "train": {"epochs": 1, "batch_size": 8, "log_every": 2, "eval_every": 10, "save_every": 10,
