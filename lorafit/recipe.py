@@ -132,6 +132,8 @@ class TrainConfig:
     """Write checkpoints/step-N every N optimizer steps."""
     output_dir: str | None = None
     """Where the run writes its files; null means runs/<name>."""
+    loggers: list[Literal["jsonl", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])
+    """Where metrics go: metrics.jsonl always; add "tensorboard" for event files in <output_dir>/tensorboard."""
 
 
 @dataclass

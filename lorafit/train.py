@@ -32,6 +32,7 @@ from lorafit.io import atomic_directory, write_json
 from lorafit.lora import LoraPlan, add_lora, classification_head
 from lorafit.models import load_model, load_tokenizer, model_max_length, resolve_model
 from lorafit.recipe import Recipe, dump_recipe
+from lorafit.report import plot_training, with_tensorboard
 
 log = logging.getLogger("lorafit")
 
@@ -212,12 +213,15 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
                   f"{len(splits['train'])} train / {len(splits['eval'])} eval examples")
     (out / "recipe.yaml").write_text(dump_recipe(recipe))
     metrics_log = MetricsLog(out / "metrics.jsonl")
+    if "tensorboard" in recipe.train.loggers:
+        metrics_log = with_tensorboard(metrics_log, out / "tensorboard")
     try:
         final = fit(recipe, s, splits, device, autocast, out, metrics_log, console)
     finally:
         metrics_log.close()
     save_adapter(out / "adapter", s.model, s.plan, s.spec)
     write_json(out / "summary.json", final)
+    plot_training(out)
     console.print(f"[bold green]done[/]: adapter in {out / 'adapter'}")
     return final
 
