@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,6 +182,31 @@ def load_classification_data(cfg: DataConfig, seed: int) -> ClassificationData:
             raise LorafitError(f"data: the {split_name} split has labels the train split lacks: {unseen[:5]}")
     encode = lambda split: None if split is None else TextSplit(split.texts, [index[str(v)] for v in split.labels])  # noqa: E731
     return ClassificationData(labels, encode(train), encode(eval_), encode(test))
+
+
+def load_labelled_split(cfg: DataConfig, split: str, labels: list[str], max_samples: int | None = None) -> TextSplit:
+    """One split of the dataset `cfg` names, its labels mapped to ids in the order of `labels`.
+
+    For scoring a trained model: `labels` are the model's label names, so ids mean what they
+    meant in training. Only `split` is loaded (no train split, no hold-out); `max_samples` keeps
+    the first N examples, as `data.max_eval_samples` does for the test split in training.
+    Raises `LorafitError` when the split is missing or has a label the model does not know.
+    """
+    only = dataclasses.replace(cfg, train_split=split, eval_split=None, test_split=None)
+    splits, _ = _load_newsgroups(only) if cfg.path == NEWSGROUPS else _load_hf(only)
+    part = splits[split]
+    if max_samples:
+        part = TextSplit(part.texts[:max_samples], part.labels[:max_samples])
+    _check_texts(part, split)
+    index = {name: i for i, name in enumerate(labels)}
+    if labels == [f"LABEL_{i}" for i in range(len(labels))]:
+        # A model without label names (e.g. from a PEFT adapter): integer labels are the ids.
+        index.update({str(i): i for i in range(len(labels))})
+    unknown = sorted({str(v) for v in part.labels} - set(index))
+    if unknown:
+        raise LorafitError(f"data: split {split!r} has labels the model does not know: {unknown[:5]}; "
+                           f"the model's labels are {labels[:10]}")
+    return TextSplit(part.texts, [index[str(v)] for v in part.labels])
 
 
 # ---------------------------------------------------------------- tokenizing and batching

@@ -1,4 +1,4 @@
-"""Scoring a classifier on a tokenized split."""
+"""Scoring a classifier on a tokenized split: loss, accuracy, macro-F1, per-class scores, confusion matrix."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import accuracy_score, f1_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
 from lorafit.data import TokenizedSplit, collate, eval_order
 
@@ -31,6 +31,27 @@ def classification_metrics(labels: torch.Tensor, predicted: torch.Tensor, loss: 
         "loss": loss,
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(f1_score(y_true, y_pred, average="macro", zero_division=0)),
+    }
+
+
+def classification_report(labels: torch.Tensor, predicted: torch.Tensor, loss: float, names: list[str]) -> dict:
+    """`classification_metrics` plus per-class scores and the confusion matrix.
+
+    Returns {"loss", "accuracy", "macro_f1", "per_class": {name: {"precision", "recall", "f1",
+    "support"}}, "confusion_matrix": rows = true class, columns = predicted class, in `names`
+    order}. A class with no predictions (or no examples) scores 0 precision (recall), not NaN.
+    macro_f1 is computed as training logs it: the mean F1 over the classes that occur in `labels`
+    or `predicted`, so it can differ from the mean of `per_class` when a class never occurs.
+    """
+    y_true, y_pred = labels.tolist(), predicted.tolist()
+    classes = list(range(len(names)))
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=classes,
+                                                                     zero_division=0)
+    return {
+        **classification_metrics(labels, predicted, loss),
+        "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])} for i, name in enumerate(names)},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=classes).tolist(),
     }
 
 
