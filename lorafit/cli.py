@@ -93,6 +93,79 @@ def validate(recipe_path: RecipeArg, overrides: SetOpt = None) -> None:
     console.print(f"[green]ok[/]: {recipe_path} is a valid recipe (run '{recipe.name}', output in {recipe.output_dir})")
 
 
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Dtype of the saved weights: float32, bfloat16 or float16.")]
+BaseOpt = Annotated[str | None, typer.Option("--base", help="Base model to use instead of the adapter's base_model_name_or_path.")]
+ModelArg = Annotated[Path, typer.Argument(help="A run directory, an adapter directory or a merged model directory.",
+                                          show_default=False)]
+
+
+@app.command()
+@user_errors
+def merge(
+    adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory (lorafit's or PEFT's).", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the merged model to.",
+                                         show_default=False)],
+    dtype: DtypeOpt = "float32",
+    base: BaseOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing model directory.")] = False,
+) -> None:
+    """Fold an adapter into its base model's weights and save a plain Hugging Face model."""
+    from lorafit.merge import merge_adapter
+
+    _quiet_libraries()
+    result = merge_adapter(adapter_dir, output, dtype=dtype, base=base, overwrite=overwrite)
+    console.print(f"merged {result.merged_layers} LoRA layers; largest logit difference on the probe batch "
+                  f"{result.max_logit_diff:.3g} ({result.dtype}, tolerance {result.tolerance:.3g})")
+    console.print(f"[bold green]done[/]: model in {result.output}")
+
+
+@app.command("eval")
+@user_errors
+def eval_(
+    path: ModelArg,
+    recipe_path: Annotated[Path | None, typer.Option("--recipe", help="Recipe whose data section to use.")] = None,
+    split: Annotated[str | None, typer.Option("--split", help="Split to score (default: the recipe's test split).")] = None,
+    data_files: Annotated[str | None, typer.Option("--data-files", help="A labelled .jsonl/.json/.csv/.parquet file to score instead.")] = None,
+    max_samples: Annotated[int | None, typer.Option("--max-samples", help="Score only the first N examples.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON report path (the confusion PNG goes beside it).")] = None,
+    base: BaseOpt = None,
+) -> None:
+    """Score a run, an adapter or a merged model on a labelled split: accuracy, F1, confusion matrix."""
+    from lorafit.inference import run_eval
+
+    _quiet_libraries()
+    run_eval(path, recipe_path=recipe_path, split=split, data_files=data_files, max_samples=max_samples,
+             base=base, output=output, console=console)
+
+
+@app.command("predict")
+@user_errors
+def predict_(
+    path: ModelArg,
+    texts: Annotated[list[str] | None, typer.Argument(help="Texts to classify.", show_default=False)] = None,
+    file: Annotated[Path | None, typer.Option("--file", help="More texts: .jsonl (a 'text' field per line) or .txt (a text per line).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Write predictions as JSON lines here.")] = None,
+    base: BaseOpt = None,
+) -> None:
+    """Classify texts: the top label and the probability of every label, per input."""
+    from lorafit.inference import run_predict
+
+    _quiet_libraries()
+    run_predict(path, list(texts or []), file=file, output=output, base=base, console=console)
+
+
+@app.command()
+@user_errors
+def plot(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (holds metrics.jsonl).", show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="PNG path (default: RUN_DIR/plot.png).")] = None,
+) -> None:
+    """Plot training loss, learning rate and eval metrics against step from a run's metrics.jsonl."""
+    from lorafit.report import plot_training
+
+    console.print(f"plot in {plot_training(run_dir, output)}")
+
+
 def main() -> None:
     app(prog_name="lorafit")
 
