@@ -1,7 +1,7 @@
 """The `lorafit` command line: thin Typer commands over the library functions.
 
 User errors (`LorafitError`) are handled here, once: a one-line message on stderr and exit code
-2, with no traceback unless LORAFIT_DEBUG=1.
+2 (128 + the signal for an interrupted run), with no traceback unless LORAFIT_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -21,9 +22,7 @@ from lorafit.errors import LorafitError
 
 app = typer.Typer(help="LoRA fine-tuning of Hugging Face transformers, driven by YAML recipes.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-console = Console(highlight=False)
-
-EXIT_USER_ERROR = 2
+console = Console(highlight=False, soft_wrap=True)  # long paths stay on one line
 
 
 def _quiet_libraries() -> None:
@@ -41,7 +40,7 @@ def _quiet_libraries() -> None:
 
 
 def user_errors(command):
-    """Turn `LorafitError` into a one-line message and exit code 2."""
+    """Turn `LorafitError` into a one-line message and its exit code (2 for bad input)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
@@ -53,7 +52,7 @@ def user_errors(command):
             message = str(err)
             Console(stderr=True, highlight=False).print(f"[bold red]error:[/] {message}", markup=True,
                                                         soft_wrap=True)
-            raise typer.Exit(EXIT_USER_ERROR) from None
+            raise typer.Exit(err.exit_code) from None
 
     return wrapper
 
@@ -70,6 +69,9 @@ def train(
     output_dir: Annotated[Path | None, typer.Option("--output-dir", help="Overrides train.output_dir.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and LoRA plan, then stop.")] = False,
+    resume: Annotated[str | None, typer.Option(
+        "--resume", metavar="[CHECKPOINT]",
+        help="Continue from the latest complete checkpoint in the output directory (no value), or from CHECKPOINT.")] = None,
 ) -> None:
     """Fine-tune a model with LoRA as a recipe says; write the adapter, checkpoints and metrics."""
     from lorafit.recipe import load_recipe
@@ -79,8 +81,13 @@ def train(
     if output_dir is not None:
         overrides.append(f"train.output_dir={output_dir}")
     recipe = load_recipe(recipe_path, overrides)
+    if resume and overwrite:
+        raise LorafitError("--resume continues a run and --overwrite replaces it; pass only one")
+    resume_command = shlex.join(["lorafit", "train", str(recipe_path),
+                                 *[arg for o in overrides for arg in ("--set", o)], "--resume"])
     _quiet_libraries()
-    run_training(recipe, console=console, overwrite=overwrite, dry_run=dry_run)
+    run_training(recipe, console=console, overwrite=overwrite, dry_run=dry_run, resume=resume,
+                 resume_command=resume_command)
 
 
 @app.command()
@@ -166,8 +173,18 @@ def plot(
     console.print(f"plot in {plot_training(run_dir, output)}")
 
 
+def normalize_args(args: list[str]) -> list[str]:
+    """Let `--resume` stand alone: Typer options need a value, so a bare `--resume` means `--resume latest`."""
+    out = []
+    for i, arg in enumerate(args):
+        out.append(arg)
+        if arg == "--resume" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("latest")
+    return out
+
+
 def main() -> None:
-    app(prog_name="lorafit")
+    app(args=normalize_args(sys.argv[1:]), prog_name="lorafit")
 
 
 if __name__ == "__main__":

@@ -130,6 +130,10 @@ class TrainConfig:
     """Evaluate on the eval split every N optimizer steps (and always at the end)."""
     save_every: int | None = field(default=500, metadata=_rule(lambda v: v > 0, "use a positive number of steps or null"))
     """Write checkpoints/step-N every N optimizer steps."""
+    keep_checkpoints: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
+    """Keep only the newest N checkpoints (older ones are deleted once a new one is complete); null keeps all."""
+    skip_nonfinite: bool = False
+    """Skip batches whose loss or gradient is NaN/inf (and count them) instead of stopping the run."""
     output_dir: str | None = None
     """Where the run writes its files; null means runs/<name>."""
     loggers: list[Literal["jsonl", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])

@@ -12,8 +12,9 @@ import json
 import logging
 import math
 import random
+import signal
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +25,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lorafit.adapter import AdapterSpec, save_adapter, write_adapter_files
+from lorafit.adapter import AdapterSpec, load_adapter_weights, read_adapter_weights, save_adapter
+from lorafit.checkpoint import (check_resumable, find_checkpoint, load_training_state, prune_checkpoints,
+                                save_checkpoint, set_rng_state)
 from lorafit.data import ClassificationData, TokenizedSplit, batch_order, collate, load_classification_data, steps_per_epoch, tokenize
-from lorafit.errors import LorafitError
+from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate
-from lorafit.io import atomic_directory, write_json
+from lorafit.io import write_json
 from lorafit.lora import LoraPlan, add_lora, classification_head
 from lorafit.models import load_model, load_tokenizer, model_max_length, resolve_model
 from lorafit.recipe import Recipe, dump_recipe
@@ -183,25 +186,39 @@ def setup(recipe: Recipe, console: Console) -> Setup:
     return Setup(model, tokenizer, plan, spec, data)
 
 
-def save_checkpoint(directory: Path, s: Setup, optimizer, scheduler, step: int, epoch: int) -> None:
-    """A complete adapter plus the optimizer state, written atomically."""
-    with atomic_directory(directory) as tmp:
-        write_adapter_files(tmp, s.model, s.plan, s.spec)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-        write_json(tmp / "trainer_state.json", {"step": step, "epoch": epoch})
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the lines a killed run wrote after the checkpoint it resumes from."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in lines))
 
 
-def train(recipe: Recipe, console: Console | None = None, overwrite: bool = False, dry_run: bool = False) -> dict:
-    """Run a recipe end to end. Returns the final metrics ({split: {metric: value}})."""
+def train(recipe: Recipe, console: Console | None = None, overwrite: bool = False, dry_run: bool = False,
+          resume: str | None = None, resume_command: str | None = None) -> dict:
+    """Run a recipe end to end. Returns the final metrics ({split: {metric: value}}).
+
+    `resume` is "latest" or a checkpoint directory: training continues exactly where that
+    checkpoint left off. `resume_command` is shown when a signal interrupts the run.
+    """
     console = console or Console()
     out = recipe.output_dir
-    if not dry_run:
+    checkpoint = state = None
+    if resume:
+        checkpoint = find_checkpoint(out, resume)
+        check_resumable(checkpoint, recipe.to_dict())
+        state = load_training_state(checkpoint)
+    elif not dry_run:
         prepare_output_dir(out, overwrite)
     s = setup(recipe, console)
     console.print(plan_table(s.plan, recipe))
     if dry_run:
         console.print(dump_recipe(recipe), markup=False, highlight=False)
         return {}
+    if checkpoint is not None:
+        load_adapter_weights(s.model, s.plan, read_adapter_weights(checkpoint), str(checkpoint))
+        truncate_metrics(out / "metrics.jsonl", state["progress"]["step"])
+        console.print(f"[bold]resuming[/] from {checkpoint} (step {state['progress']['step']})")
 
     device = pick_device()
     dtype = resolve_precision(recipe.train.precision, device)
@@ -216,7 +233,8 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     if "tensorboard" in recipe.train.loggers:
         metrics_log = with_tensorboard(metrics_log, out / "tensorboard")
     try:
-        final = fit(recipe, s, splits, device, autocast, out, metrics_log, console)
+        with stop_on_signals() as stop:
+            final = fit(recipe, s, splits, device, autocast, out, metrics_log, console, state, stop, resume_command)
     finally:
         metrics_log.close()
     save_adapter(out / "adapter", s.model, s.plan, s.spec)
@@ -226,8 +244,31 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     return final
 
 
-def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: torch.device, autocast, out: Path, metrics_log: MetricsLog,
-        console: Console) -> dict:
+@contextmanager
+def stop_on_signals():
+    """While active, SIGINT/SIGTERM only set `stop["signal"]`; the loop checks it after each step."""
+    stop: dict[str, int | None] = {"signal": None}
+
+    def handler(signum, frame):
+        stop["signal"] = signum
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        pass
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: torch.device, autocast, out: Path,
+        metrics_log: MetricsLog, console: Console, state: dict | None = None, stop: dict | None = None,
+        resume_command: str | None = None) -> dict:
+    """The training loop. `state` (from a checkpoint) restores optimizer, scheduler, position and RNGs."""
     cfg = recipe.train
     train_split = splits["train"]
     lengths = train_split.lengths
@@ -243,6 +284,7 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
                                      kind=recipe.optim.scheduler))
     trainable = [p for p in s.model.parameters() if p.requires_grad]
     max_norm = recipe.optim.max_grad_norm or float("inf")
+    stop = stop if stop is not None else {"signal": None}
 
     def run_eval(split_name: str, step: int) -> dict:
         metrics = evaluate(s.model, splits[split_name], eval_batch_size, pad_id, device, autocast)
@@ -251,23 +293,45 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
                       f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
         return metrics
 
-    progress = Progress(
+    # Loop position and the running log window: all a checkpoint needs besides optimizer and RNGs.
+    progress = {"step": 0, "epoch": 0, "batch_index": 0, "elapsed_s": 0.0, "skipped_nonfinite": 0,
+                "window": {"loss": 0.0, "batches": 0, "samples": 0, "tokens": 0}}
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        progress = state["progress"]
+    window = progress["window"]
+    last_checkpoint: Path | None = None
+
+    def checkpoint(step: int) -> Path:
+        progress["elapsed_s"] = time.perf_counter() - start
+        path = save_checkpoint(out / "checkpoints" / f"step-{step}", s.model, s.plan, s.spec, optimizer,
+                               scheduler, progress)
+        if cfg.keep_checkpoints:
+            prune_checkpoints(out, cfg.keep_checkpoints)
+        return path
+
+    progress_bar = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
         TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         console=console, transient=False,
     )
-    task = progress.add_task("train", total=total_steps, loss="-", rate="-")
+    task = progress_bar.add_task("train", total=total_steps, completed=progress["step"], loss="-", rate="-")
     s.model.train()
-    step, epoch = 0, 0
-    start = window_start = time.perf_counter()
-    window_loss, window_batches, window_samples, window_tokens = 0.0, 0, 0, 0
-    with progress:
-        while step < total_steps:
+    if state is not None:
+        set_rng_state(state["rng"])  # last, so nothing above consumes random numbers after it
+    start = time.perf_counter() - progress["elapsed_s"]
+    window_start = time.perf_counter()
+    with progress_bar:
+        while progress["step"] < total_steps:
+            epoch = progress["epoch"]
+            steps_at_epoch_start, resumed_mid_epoch = progress["step"], progress["batch_index"] > 0
             batches = batch_order(lengths, cfg.batch_size, recipe.seed, epoch, cfg.group_by_length)
-            for first in range(0, len(batches), cfg.grad_accum_steps):
+            for first in range(progress["batch_index"], len(batches), cfg.grad_accum_steps):
                 micro = batches[first:first + cfg.grad_accum_steps]
+                progress["batch_index"] = first + len(micro)
                 n_samples = sum(len(b) for b in micro)
-                loss_sum = 0.0
+                loss_sum, n_tokens = 0.0, 0
                 for indices in micro:
                     batch = {k: v.to(device) for k, v in collate(train_split, indices, pad_id).items()}
                     with autocast():
@@ -276,44 +340,69 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
                     loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / n_samples
                     loss.backward()
                     loss_sum += loss.item()
-                    window_tokens += int(batch["attention_mask"].sum())
+                    n_tokens += int(batch["attention_mask"].sum())
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
+                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    if not cfg.skip_nonfinite:
+                        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+                        raise LorafitError(f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient'} at "
+                                           f"step {progress['step'] + 1}; stopping ({kept}). Lower optim.lr, or set "
+                                           f"train.skip_nonfinite: true to skip such batches")
+                    progress["skipped_nonfinite"] += 1
+                    continue
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step += 1
-                window_loss += loss_sum
-                window_batches += 1
-                window_samples += n_samples
-                progress.update(task, advance=1, loss=f"{loss_sum:.4f}")
+                progress["step"] += 1
+                step = progress["step"]
+                window["loss"] += loss_sum
+                window["batches"] += 1
+                window["samples"] += n_samples
+                window["tokens"] += n_tokens
+                progress_bar.update(task, advance=1, loss=f"{loss_sum:.4f}")
 
                 if step % cfg.log_every == 0 or step == total_steps:
                     now = time.perf_counter()
                     seconds = max(now - window_start, 1e-9)
                     record = {
                         "step": step,
-                        "epoch": round(epoch + min(1.0, (first + len(micro)) / len(batches)), 4),
-                        "loss": window_loss / window_batches,
+                        "epoch": round(epoch + progress["batch_index"] / len(batches), 4),
+                        "loss": window["loss"] / window["batches"],
                         "lr": scheduler.get_last_lr()[0],
                         "grad_norm": grad_norm,
-                        "samples_per_s": window_samples / seconds,
-                        "tokens_per_s": window_tokens / seconds,
+                        "samples_per_s": window["samples"] / seconds,
+                        "tokens_per_s": window["tokens"] / seconds,
                         "elapsed_s": now - start,
                     }
+                    if progress["skipped_nonfinite"]:
+                        record["skipped_nonfinite"] = progress["skipped_nonfinite"]
                     metrics_log.write(record)
-                    progress.update(task, rate=f"{record['samples_per_s']:.1f}")
+                    progress_bar.update(task, rate=f"{record['samples_per_s']:.1f}")
                     window_start = now
-                    window_loss, window_batches, window_samples, window_tokens = 0.0, 0, 0, 0
+                    window.update(loss=0.0, batches=0, samples=0, tokens=0)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
                     run_eval("eval", step)
                     window_start = time.perf_counter()  # evaluation time is not training throughput
                 if cfg.save_every and step % cfg.save_every == 0:
-                    save_checkpoint(out / "checkpoints" / f"step-{step}", s, optimizer, scheduler, step, epoch)
+                    last_checkpoint = checkpoint(step)
+                if stop["signal"] is not None:
+                    path = checkpoint(step)
+                    hint = resume_command or f"lorafit train <recipe> --resume {path}"
+                    raise TrainingInterrupted(f"interrupted by signal {stop['signal']} after step {step}; "
+                                              f"checkpoint saved to {path}; continue with: {hint}", stop["signal"])
                 if step >= total_steps:
                     break
-            epoch += 1
+            else:
+                if progress["step"] == steps_at_epoch_start and not resumed_mid_epoch:
+                    raise LorafitError(f"every batch of epoch {epoch} had a non-finite loss or gradient; "
+                                       f"check the data and the model, or lower optim.lr")
+                progress["epoch"] += 1
+                progress["batch_index"] = 0
 
-    final = {"train_time_s": time.perf_counter() - start, "steps": step}
+    step = progress["step"]
+    final = {"train_time_s": time.perf_counter() - start, "steps": step,
+             "skipped_nonfinite": progress["skipped_nonfinite"]}
     final["eval"] = run_eval("eval", step)
     if "test" in splits:
         final["test"] = run_eval("test", step)

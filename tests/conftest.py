@@ -120,12 +120,12 @@ def run_cli():
     """Invoke the lorafit CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
     from typer.testing import CliRunner
 
-    from lorafit.cli import app
+    from lorafit.cli import app, normalize_args
 
     runner = CliRunner()
 
     def run(*args: str):
-        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        return runner.invoke(app, normalize_args([str(a) for a in args]), catch_exceptions=False)
 
     return run
 
