@@ -87,7 +87,8 @@ def _check_data_files(data_files: Any) -> None:
             raise LorafitError(f"data.data_files: file not found: {file}")
 
 
-def _load_hf(cfg: DataConfig) -> tuple[dict[str, TextSplit], list[str] | None]:
+def _open_hf(cfg: DataConfig):
+    """`datasets.load_dataset(cfg.path, data_files=cfg.data_files)`, with one-line errors."""
     import datasets
 
     _check_data_files(cfg.data_files)
@@ -97,24 +98,34 @@ def _load_hf(cfg: DataConfig) -> tuple[dict[str, TextSplit], list[str] | None]:
             f"with data.data_files: {cfg.path}"
         )
     try:
-        dataset = datasets.load_dataset(cfg.path, data_files=cfg.data_files)
+        return datasets.load_dataset(cfg.path, data_files=cfg.data_files)
     except FileNotFoundError as err:
         raise LorafitError(f"data: could not find dataset {cfg.path!r}: {str(err).splitlines()[0]}") from None
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
         raise LorafitError(f"data: could not load dataset {cfg.path!r}: {str(err).splitlines()[0]}") from None
+
+
+def _get_split(dataset, split: str, columns: dict[str, str]):
+    """One split of a DatasetDict, checking that the recipe's columns ({key: name}) exist."""
+    if split not in dataset:
+        raise LorafitError(f"data: split {split!r} not found; the dataset has {sorted(dataset)}")
+    part = dataset[split]
+    for key, column in columns.items():
+        if column not in part.column_names:
+            raise LorafitError(f"data.{key}: column {column!r} not found in split {split!r}; columns are {part.column_names}")
+    return part
+
+
+def _load_hf(cfg: DataConfig) -> tuple[dict[str, TextSplit], list[str] | None]:
+    import datasets
+
+    dataset = _open_hf(cfg)
     splits: dict[str, TextSplit] = {}
     names: list[str] | None = None
     for split in (cfg.train_split, cfg.eval_split, cfg.test_split):
         if not split or split in splits:
             continue
-        if split not in dataset:
-            raise LorafitError(f"data: split {split!r} not found; the dataset has {sorted(dataset)}")
-        part = dataset[split]
-        for role, column in (("text_column", cfg.text_column), ("label_column", cfg.label_column)):
-            if column not in part.column_names:
-                raise LorafitError(
-                    f"data.{role}: column {column!r} not found in split {split!r}; columns are {part.column_names}"
-                )
+        part = _get_split(dataset, split, {"text_column": cfg.text_column, "label_column": cfg.label_column})
         feature = part.features[cfg.label_column]
         labels = list(part[cfg.label_column])
         if isinstance(feature, datasets.ClassLabel):
@@ -207,6 +218,93 @@ def load_labelled_split(cfg: DataConfig, split: str, labels: list[str], max_samp
         raise LorafitError(f"data: split {split!r} has labels the model does not know: {unknown[:5]}; "
                            f"the model's labels are {labels[:10]}")
     return TextSplit(part.texts, [index[str(v)] for v in part.labels])
+
+
+@dataclass
+class LMData:
+    """Causal-LM examples, each a dict with "text", or "prompt" and "completion", or "messages"."""
+
+    format: str  # "text" | "prompt-completion" | "chat"
+    train: list[dict]
+    eval: list[dict]
+    test: list[dict] | None
+
+
+def lm_format(cfg: DataConfig) -> str:
+    if cfg.messages_column:
+        return "chat"
+    return "prompt-completion" if cfg.prompt_column else "text"
+
+
+def _lm_rows(cfg: DataConfig) -> dict[str, list[dict]]:
+    """Rows (dicts of columns) of the recipe's splits; 20newsgroups rows are {text, label}."""
+    if cfg.path == NEWSGROUPS:
+        splits, _ = _load_newsgroups(cfg)
+        return {name: [{"text": t, "label": label} for t, label in zip(split.texts, split.labels)]
+                for name, split in splits.items()}
+    import datasets
+
+    dataset = _open_hf(cfg)
+    fmt = lm_format(cfg)
+    needed = ({"messages_column": cfg.messages_column} if fmt == "chat" else
+              {"prompt_column": cfg.prompt_column, "completion_column": cfg.completion_column}
+              if fmt == "prompt-completion" else {"text_column": cfg.text_column})
+    rows = {}
+    for split in (cfg.train_split, cfg.eval_split, cfg.test_split):
+        if split and split not in rows:
+            part = _get_split(dataset, split, {} if cfg.prompt_template else needed)
+            for column, feature in part.features.items():
+                if isinstance(feature, datasets.ClassLabel):
+                    part = part.cast_column(column, datasets.Value("string"))
+            rows[split] = part.to_list()
+    return rows
+
+
+def _lm_example(row: dict, cfg: DataConfig, fmt: str) -> dict | None:
+    """Normalize a row to the format's keys; None for an empty text."""
+    try:
+        if fmt == "chat":
+            return {"messages": row[cfg.messages_column]}
+        if fmt == "prompt-completion":
+            prompt = cfg.prompt_template.format(**row) if cfg.prompt_template else row[cfg.prompt_column]
+            return {"prompt": prompt, "completion": str(row[cfg.completion_column])}
+    except KeyError as err:
+        raise LorafitError(f"data.prompt_template: column {err} not found; columns are {sorted(row)}") from None
+    text = (row[cfg.text_column] or "").strip()
+    return {"text": text} if text else None
+
+
+def load_lm_data(cfg: DataConfig, seed: int) -> LMData:
+    """The recipe's splits as causal-LM examples (empty texts dropped), with the eval hold-out."""
+    from sklearn.model_selection import train_test_split
+
+    fmt = lm_format(cfg)
+    if cfg.path == NEWSGROUPS:
+        for key in ("prompt_column", "completion_column", "text_column"):
+            if getattr(cfg, key) not in (None, "text", "label"):
+                raise LorafitError(f"data.{key}: 20newsgroups rows have the columns 'text' and 'label'")
+    rows = _lm_rows(cfg)
+
+    def examples(split: str) -> list[dict]:
+        found = [e for row in rows[split] if (e := _lm_example(row, cfg, fmt)) is not None]
+        if not found:
+            raise LorafitError(f"data: split {split!r} is empty")
+        return found
+
+    train = examples(cfg.train_split)
+    if cfg.eval_split:
+        eval_ = examples(cfg.eval_split)
+    else:
+        if len(train) < 2:
+            raise LorafitError("data: too few training examples to hold out an eval split; set data.eval_split")
+        train, eval_ = train_test_split(train, test_size=cfg.eval_fraction, random_state=seed)
+    test = examples(cfg.test_split) if cfg.test_split else None
+    if cfg.max_train_samples:
+        train = train[: cfg.max_train_samples]
+    if cfg.max_eval_samples:
+        eval_ = eval_[: cfg.max_eval_samples]
+        test = test[: cfg.max_eval_samples] if test is not None else None
+    return LMData(fmt, train, eval_, test)
 
 
 # ---------------------------------------------------------------- tokenizing and batching

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -84,3 +85,24 @@ def evaluate(model, split: TokenizedSplit, batch_size: int, pad_id: int, device:
     """Loss, accuracy and macro-F1 of `model` on `split`."""
     out = predict(model, split, batch_size, pad_id, device, autocast, on_batch)
     return classification_metrics(out.labels, out.predicted, out.loss)
+
+
+@torch.inference_mode()
+def evaluate_lm(model, split, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
+                autocast=nullcontext, on_batch=None) -> dict[str, float]:
+    """Mean next-token loss over the labelled tokens of `split` (an `lm.LMSplit`), and its perplexity."""
+    from lorafit.lm import collate_lm, count_targets, lm_loss
+
+    was_training = model.training
+    model.eval()
+    total_loss, total_targets = 0.0, 0
+    for indices in eval_order(split.lengths, batch_size):
+        batch = {k: v.to(device) for k, v in collate_lm(split, indices, pad_id).items()}
+        with autocast():
+            total_loss += lm_loss(model, batch).item()
+        total_targets += count_targets(batch)
+        if on_batch:
+            on_batch(len(indices))
+    model.train(was_training)
+    loss = total_loss / max(total_targets, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total_targets}

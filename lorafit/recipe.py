@@ -19,7 +19,7 @@ import yaml
 
 from lorafit.errors import LorafitError
 
-TASKS = ("sequence-classification",)
+TASKS = ("sequence-classification", "causal-lm")
 NEWSGROUPS_PARTS = ("headers", "footers", "quotes")
 
 
@@ -45,7 +45,7 @@ def _rule(check, fix: str) -> dict:
 class ModelConfig:
     name: str = ""
     """Hub id (e.g. sentence-transformers/all-MiniLM-L6-v2) or a local model directory."""
-    task: Literal["sequence-classification"] = "sequence-classification"
+    task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
     """What the model is trained to do; picks the AutoModel class and the loss."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub repository. Off unless you trust its author."""
@@ -83,7 +83,20 @@ class DataConfig:
     )
     """20newsgroups only: the parts of each post to strip."""
     text_column: str = "text"
+    """Classification: the input text. Causal LM without prompt/messages columns: the text to model."""
     label_column: str = "label"
+    """Classification only: the class (integers or strings)."""
+    prompt_column: str | None = None
+    """Causal LM: prompt + completion data; the loss covers the completion only."""
+    completion_column: str | None = None
+    messages_column: str | None = None
+    """Causal LM: chat data (lists of {role, content}), rendered with the chat template; loss on assistant turns."""
+    prompt_template: str | None = None
+    """Causal LM: a format string over the row's columns that builds the prompt, e.g. "Classify:\\n{text}"."""
+    use_chat_template: bool = True
+    """Causal LM prompt + completion: render them as a user turn and an assistant turn when the tokenizer has a chat template."""
+    packing: bool = False
+    """Causal LM: pack examples into max_length blocks (no padding); attention and loss never cross examples."""
     train_split: str = "train"
     eval_split: str | None = None
     """None: hold out `eval_fraction` of the train split (stratified, seeded)."""
@@ -255,11 +268,28 @@ def _build(cls: type, raw: Any, prefix: str, problems: list[str]) -> Any:
     return cls(**kwargs)
 
 
+def _cross_checks(recipe: Recipe) -> list[str]:
+    """Rules that involve more than one key."""
+    data, problems = recipe.data, []
+    if (data.prompt_column is None) != (data.completion_column is None):
+        problems.append("data.prompt_column / data.completion_column: give both (prompt + completion data) or neither")
+    if data.messages_column and data.prompt_column:
+        problems.append("data.messages_column: chat data and prompt + completion data exclude each other; pick one")
+    if recipe.model.task == "sequence-classification":
+        for key in ("prompt_column", "completion_column", "messages_column", "prompt_template"):
+            if getattr(data, key) is not None:
+                problems.append(f"data.{key}: only for model.task: causal-lm")
+        if data.packing:
+            problems.append("data.packing: only for model.task: causal-lm")
+    return problems
+
+
 def recipe_from_dict(raw: Any, source: str = "recipe") -> Recipe:
     """Validate a plain dict (as loaded from YAML) into a `Recipe`, or raise `RecipeError`."""
     problems: list[str] = []
     recipe = _build(Recipe, raw, "", problems)
     if not problems:
+        problems += _cross_checks(recipe)
         if not recipe.model.name:
             problems.append("model.name: missing: give a hub id or a local model directory")
         if not recipe.name:

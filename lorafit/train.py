@@ -28,9 +28,11 @@ from rich.table import Table
 from lorafit.adapter import AdapterSpec, load_adapter_weights, read_adapter_weights, save_adapter
 from lorafit.checkpoint import (check_resumable, find_checkpoint, load_training_state, prune_checkpoints,
                                 save_checkpoint, set_rng_state)
-from lorafit.data import ClassificationData, TokenizedSplit, batch_order, collate, load_classification_data, steps_per_epoch, tokenize
+from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_order, collate, load_classification_data,
+                          load_lm_data, steps_per_epoch, tokenize)
 from lorafit.errors import LorafitError, TrainingInterrupted
-from lorafit.evaluate import evaluate
+from lorafit.evaluate import evaluate, evaluate_lm
+from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, tokenize_lm
 from lorafit.io import write_json
 from lorafit.lora import LoraPlan, add_lora, classification_head
 from lorafit.models import load_model, load_tokenizer, model_max_length, resolve_model
@@ -155,7 +157,7 @@ class Setup:
     tokenizer: object
     plan: LoraPlan
     spec: AdapterSpec
-    data: ClassificationData
+    data: ClassificationData | LMData
 
 
 def setup(recipe: Recipe, console: Console) -> Setup:
@@ -163,14 +165,16 @@ def setup(recipe: Recipe, console: Console) -> Setup:
     seed_everything(recipe.seed)
     source = resolve_model(recipe.model.name, recipe.model.trust_remote_code)
     console.print(f"[bold]model[/] {recipe.model.name} from {source.note}")
-    data = load_classification_data(recipe.data, recipe.seed)
+    classify = recipe.model.task == "sequence-classification"
+    data = load_classification_data(recipe.data, recipe.seed) if classify else load_lm_data(recipe.data, recipe.seed)
+    labels = data.labels if classify else None
     tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
-    model = load_model(source, recipe.model.task, tokenizer, data.labels, recipe.model.trust_remote_code)
+    model = load_model(source, recipe.model.task, tokenizer, labels, recipe.model.trust_remote_code)
     limit = model_max_length(model)
     if limit and recipe.data.max_length > limit:
         raise LorafitError(f"data.max_length: {recipe.data.max_length} is above the model's limit of {limit} tokens; "
                            f"use at most {limit}")
-    head = classification_head(model)
+    head = classification_head(model) if classify else None
     saved = list(recipe.lora.modules_to_save)
     if head and not any(head == m or head.endswith("." + m) for m in saved):
         saved.append(head)
@@ -179,11 +183,29 @@ def setup(recipe: Recipe, console: Console) -> Setup:
     spec = AdapterSpec(
         base_model=recipe.model.name, task=recipe.model.task, rank=recipe.lora.rank, alpha=recipe.lora.alpha,
         dropout=recipe.lora.dropout, target_modules=recipe.lora.target_modules, modules_to_save=saved,
-        use_rslora=recipe.lora.use_rslora, labels=data.labels,
+        use_rslora=recipe.lora.use_rslora, labels=labels,
         meta={"max_length": recipe.data.max_length, "trust_remote_code": recipe.model.trust_remote_code,
               "recipe": recipe.to_dict()},
     )
     return Setup(model, tokenizer, plan, spec, data)
+
+
+def tokenize_splits(recipe: Recipe, s: Setup, console: Console) -> dict[str, TokenizedSplit | LMSplit]:
+    """Token ids for every split; causal-LM training data is packed when the recipe asks."""
+    named = {"train": s.data.train, "eval": s.data.eval, "test": s.data.test}
+    if recipe.model.task == "sequence-classification":
+        return {name: tokenize(split, s.tokenizer, recipe.data.max_length) for name, split in named.items() if split}
+    splits = {}
+    for name, examples in named.items():
+        if examples:
+            splits[name] = tokenize_lm(examples, s.tokenizer, recipe.data.max_length, s.data.format,
+                                       recipe.data.use_chat_template, packing=recipe.data.packing and name == "train")
+            if splits[name].dropped:
+                console.print(f"{name}: dropped {splits[name].dropped} examples with no tokens to learn after "
+                              f"truncation to {recipe.data.max_length}")
+    if recipe.data.packing:
+        console.print(f"packed {len(s.data.train)} training examples into {len(splits['train'])} blocks")
+    return splits
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -222,8 +244,7 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
 
     device = pick_device()
     dtype = resolve_precision(recipe.train.precision, device)
-    named = {"train": s.data.train, "eval": s.data.eval, "test": s.data.test}
-    splits = {name: tokenize(split, s.tokenizer, recipe.data.max_length) for name, split in named.items() if split}
+    splits = tokenize_splits(recipe, s, console)
     autocast = autocast_for(device, dtype)
     s.model.to(device)
     console.print(f"[bold]device[/] {device.type}, precision {'bf16' if dtype == torch.bfloat16 else 'fp32'}; "
@@ -286,11 +307,22 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
     max_norm = recipe.optim.max_grad_norm or float("inf")
     stop = stop if stop is not None else {"signal": None}
 
+    classify = recipe.model.task == "sequence-classification"
+    collate_batch = collate if classify else collate_lm
+
+    def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed loss of a batch: over examples (classification) or labelled tokens (causal LM)."""
+        if not classify:
+            return lm_loss(s.model, batch)
+        logits = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
     def run_eval(split_name: str, step: int) -> dict:
-        metrics = evaluate(s.model, splits[split_name], eval_batch_size, pad_id, device, autocast)
+        score = evaluate if classify else evaluate_lm
+        metrics = score(s.model, splits[split_name], eval_batch_size, pad_id, device, autocast)
         metrics_log.write({"step": step, "split": split_name, **metrics})
-        console.print(f"step {step} [bold]{split_name}[/]: loss {metrics['loss']:.4f}, "
-                      f"accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+        console.print(f"step {step} [bold]{split_name}[/]: {shown}")
         return metrics
 
     # Loop position and the running log window: all a checkpoint needs besides optimizer and RNGs.
@@ -331,16 +363,16 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
                 micro = batches[first:first + cfg.grad_accum_steps]
                 progress["batch_index"] = first + len(micro)
                 n_samples = sum(len(b) for b in micro)
+                batches_ = [{k: v.to(device) for k, v in collate_batch(train_split, b, pad_id).items()} for b in micro]
+                # Each micro-batch's summed loss over the targets of the whole step: the step's mean.
+                n_targets = sum(len(b["labels"]) if classify else count_targets(b) for b in batches_)
                 loss_sum, n_tokens = 0.0, 0
-                for indices in micro:
-                    batch = {k: v.to(device) for k, v in collate(train_split, indices, pad_id).items()}
+                for batch in batches_:
                     with autocast():
-                        logits = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    # Sum over examples / all examples of the step: the mean over the whole step.
-                    loss = F.cross_entropy(logits.float(), batch["labels"], reduction="sum") / n_samples
+                        loss = batch_loss(batch) / n_targets
                     loss.backward()
                     loss_sum += loss.item()
-                    n_tokens += int(batch["attention_mask"].sum())
+                    n_tokens += int(batch.get("token_mask", batch["attention_mask"]).sum())
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
                 if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)

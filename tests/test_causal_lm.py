@@ -1,0 +1,175 @@
+"""Causal LM: loss masks, packing, chat templates, and a tiny model that learns a sentence."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import read_metrics, tiny_config, write_jsonl, write_recipe
+from transformers import AutoModelForCausalLM
+
+from lorafit.lm import IGNORE, collate_lm, count_targets, encode_chat, lm_loss, pack, tokenize_lm
+
+WORDS = "the cat sat on a mat and dog ran to park user assistant system : hello hi how are you fine thanks".split()
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def lm_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + WORDS
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                        bos_token="[BOS]", eos_token="[EOS]")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_lm(kind: str):
+    torch.manual_seed(0)
+    config = tiny_config(kind)
+    config.vocab_size = len(WORDS) + 4
+    config.eos_token_id = 3
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="module")
+def lm_model_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm-models")
+    dirs = {}
+    for kind in ("llama", "gpt2"):
+        tiny_lm(kind).save_pretrained(root / kind)
+        lm_tokenizer().save_pretrained(root / kind)
+        dirs[kind] = root / kind
+    return dirs
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_masked_prompt_tokens_give_zero_loss_and_gradient(kind):
+    model, tokenizer = tiny_lm(kind), lm_tokenizer()
+    split = tokenize_lm([{"prompt": "the cat sat on", "completion": "a mat"},
+                         {"prompt": "how are you", "completion": "fine thanks and you"}],
+                        tokenizer, 32, "prompt-completion", use_chat_template=False)
+    batch = collate_lm(split, [0, 1], tokenizer.pad_token_id)
+    # The completion (and its end token) is all that carries labels.
+    assert [t for t in batch["labels"][0].tolist() if t != IGNORE] == tokenizer("a mat [EOS]")["input_ids"]
+
+    ours = lm_loss(model, batch)
+    ours.backward()
+    our_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits.retain_grad()
+    full = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    full.backward()
+    torch.testing.assert_close(ours, full, atol=1e-5, rtol=1e-5)
+    for ours_g, p in zip(our_grads, model.parameters()):
+        torch.testing.assert_close(ours_g, p.grad, atol=1e-5, rtol=1e-4)
+    # No gradient reaches the logits of positions whose next token is a masked prompt token (or padding).
+    masked = torch.cat([batch["labels"][:, 1:] == IGNORE, torch.ones(2, 1, dtype=torch.bool)], dim=1)
+    assert logits.grad[masked].abs().max() == 0
+    assert logits.grad[~masked].abs().max() > 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_packed_and_unpacked_give_the_same_per_example_loss(kind):
+    model, tokenizer = tiny_lm(kind), lm_tokenizer()
+    texts = [{"text": "the cat sat on a mat"}, {"text": "a dog ran to the park and the cat sat"}, {"text": "hi"}]
+    plain = tokenize_lm(texts, tokenizer, 64, "text")
+    packed = pack(plain, 64)
+    assert len(packed) == 1 and packed.segments == [plain.lengths]
+
+    with torch.no_grad():
+        alone = [lm_loss(model, collate_lm(plain, [i], tokenizer.pad_token_id)).item() for i in range(3)]
+        block = collate_lm(packed, [0], tokenizer.pad_token_id)
+        assert count_targets(block) == sum(count_targets(collate_lm(plain, [i], 0)) for i in range(3))
+        starts = [0, plain.lengths[0], plain.lengths[0] + plain.lengths[1], sum(plain.lengths)]
+        for i in range(3):
+            only_i = dict(block, labels=block["labels"].clone())
+            only_i["labels"][0, : starts[i]] = IGNORE
+            only_i["labels"][0, starts[i + 1]:] = IGNORE
+            assert lm_loss(model, only_i).item() == pytest.approx(alone[i], abs=1e-5)
+
+
+def test_chat_masking_covers_assistant_turns_only():
+    tokenizer = lm_tokenizer()
+    messages = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi how are you"},
+                {"role": "user", "content": "fine thanks"}, {"role": "assistant", "content": "the cat sat"}]
+    ids, labels = encode_chat(tokenizer, messages, 64)
+    learned = tokenizer.decode([t for t in labels if t != IGNORE])
+    assert learned == "hi how are you [EOS] the cat sat [EOS]"
+    words = tokenizer.convert_ids_to_tokens(ids)
+    assert words[:4] == ["user", ":", "hello", "[EOS]"]
+    assert all(label == IGNORE for label, word in zip(labels, words) if word in ("user", "hello", "fine", "thanks"))
+
+
+def test_packing_blocks_never_exceed_max_length():
+    tokenizer = lm_tokenizer()
+    texts = [{"text": " ".join(["the cat"] * n)} for n in (1, 3, 5, 2, 7, 1)]
+    plain = tokenize_lm(texts, tokenizer, 16, "text")
+    packed = pack(plain, 16)
+    assert all(len(ids) <= 16 for ids in packed.input_ids)
+    assert sum(sum(seg) for seg in packed.segments) == sum(plain.lengths)
+    assert packed.input_ids[0][: plain.lengths[0]] == plain.input_ids[0]
+
+
+def test_tiny_llama_learns_a_sentence_and_generates_it(lm_model_dirs, tmp_path, run_cli):
+    from lorafit.adapter import load_adapter_model
+
+    sentence = "the cat sat on a mat and the dog ran to the park"
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": sentence}] * 16)
+    out = tmp_path / "run"
+    recipe = {
+        "name": "memorize", "seed": 0,
+        "model": {"name": str(lm_model_dirs["llama"]), "task": "causal-lm"},
+        # A tiny random model's frozen output head caps how confident its logits can get; train it too.
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear",
+                 "modules_to_save": ["lm_head"]},
+        "data": {"path": "json", "data_files": {"train": str(data)}, "eval_split": "train", "test_split": None,
+                 "max_length": 32},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "train": {"max_steps": 300, "batch_size": 4, "log_every": 10, "eval_every": None, "save_every": None,
+                  "output_dir": str(out)},
+    }
+    result = run_cli("train", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    metrics = read_metrics(out)
+    evals = [m for m in metrics if m.get("split") == "eval"]
+    assert set(evals[-1]) == {"step", "split", "loss", "perplexity", "tokens"}
+    assert evals[-1]["perplexity"] < 1.5
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and "lm_head" not in config["target_modules"]
+    assert config["modules_to_save"] == ["lm_head"]
+
+    model, tokenizer, _ = load_adapter_model(out / "adapter")
+    prompt = tokenizer("the cat", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.decode(generated[0], skip_special_tokens=True) == sentence
+
+
+def test_packed_training_runs_and_counts_tokens(lm_model_dirs, tmp_path, run_cli):
+    rows = [{"prompt": "how are you", "completion": "fine thanks"}, {"prompt": "hello", "completion": "hi"}] * 8
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    out = tmp_path / "run"
+    recipe = {
+        "name": "packed", "seed": 0,
+        "model": {"name": str(lm_model_dirs["gpt2"]), "task": "causal-lm"},
+        "lora": {"rank": 4, "alpha": 8, "target_modules": ["c_attn"]},
+        "data": {"path": "json", "data_files": {"train": str(data)}, "prompt_column": "prompt",
+                 "completion_column": "completion", "eval_fraction": 0.25, "test_split": None, "max_length": 32,
+                 "packing": True},
+        "train": {"max_steps": 4, "batch_size": 2, "log_every": 1, "output_dir": str(out)},
+    }
+    result = run_cli("train", write_recipe(tmp_path / "r.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    # Rendered with the chat template, each example is 7-9 tokens: 3 or 4 fit in a 32-token block.
+    assert "packed 12 training examples into 4 blocks" in result.stdout
+    train_lines = [m for m in read_metrics(out) if "split" not in m]
+    assert len(train_lines) == 4 and all(m["tokens_per_s"] > 0 for m in train_lines)
