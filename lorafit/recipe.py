@@ -141,6 +141,8 @@ class TrainConfig:
     log_every: int = field(default=10, metadata=_rule(lambda v: v > 0, "use a positive number of steps"))
     eval_every: int | None = field(default=200, metadata=_rule(lambda v: v > 0, "use a positive number of steps or null"))
     """Evaluate on the eval split every N optimizer steps (and always at the end)."""
+    eval_at_start: bool = False
+    """Also evaluate (eval and test splits) before the first step: the base model's numbers, logged as step 0."""
     save_every: int | None = field(default=500, metadata=_rule(lambda v: v > 0, "use a positive number of steps or null"))
     """Write checkpoints/step-N every N optimizer steps."""
     keep_checkpoints: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))

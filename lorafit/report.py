@@ -16,7 +16,7 @@ from rich.table import Table
 from lorafit.errors import LorafitError
 
 PLOT_FILE = "plot.png"
-EVAL_METRICS = ("accuracy", "macro_f1")
+EVAL_METRICS = ("accuracy", "macro_f1", "perplexity")  # classification runs log the first two, causal LM the last
 
 
 # ---------------------------------------------------------------- training curves
@@ -35,7 +35,7 @@ class Curves:
     loss: Series
     lr: Series
     eval: dict[str, dict[str, Series]]
-    """{split: {"loss" | "accuracy" | "macro_f1": Series}}"""
+    """{split: {"loss" | "accuracy" | "macro_f1" | "perplexity": Series}}"""
 
 
 def read_metrics_log(run_dir: Path) -> list[dict]:

@@ -354,6 +354,11 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
         set_rng_state(state["rng"])  # last, so nothing above consumes random numbers after it
     start = time.perf_counter() - progress["elapsed_s"]
     window_start = time.perf_counter()
+    if cfg.eval_at_start and state is None:
+        for split_name in ("eval", "test"):
+            if split_name in splits:
+                run_eval(split_name, 0)
+        start = window_start = time.perf_counter()  # training time starts after the baseline
     with progress_bar:
         while progress["step"] < total_steps:
             epoch = progress["epoch"]

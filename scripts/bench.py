@@ -1,0 +1,230 @@
+"""Side-by-side training throughput: lorafit vs PEFT + a plain PyTorch loop, on the same job.
+
+Each measurement runs in its own process (so peak RSS is per run) and the contenders alternate
+round by round, so machine drift hits all of them alike. Reported: non-padding tokens/s and
+samples/s over the steady-state steps (after `--warmup` steps), peak RSS, the ratio
+lorafit / PEFT per round (median over rounds), and lorafit's achieved matmul FLOP/s as a
+fraction of this machine's measured matmul peak in the same precision.
+
+Contenders:
+- peft:       get_peft_model + AdamW, random batches padded to their longest, fp32 (PEFT's default on CPU);
+- peft-tuned: the same with bf16 autocast and length-grouped batches (what a PEFT power user would do);
+- lorafit:    `lorafit train` with the recipe's defaults (length-grouped batches, precision auto),
+              or with `--same-settings` PEFT's exact batches and fp32.
+
+    python scripts/bench.py --task newsgroups --steps 40 --rounds 3
+    python scripts/bench.py --task newsgroups --steps 40 --rounds 3 --same-settings
+    python scripts/bench.py --task smollm2 --steps 12 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = {
+    # recipe, LoRA targets, batch size, max_length
+    "newsgroups": ("configs/newsgroups.yaml", ["query", "value"], 16, 256),
+    "smollm2": ("configs/smollm2-newsgroups-lm.yaml", ["q_proj", "v_proj"], 8, 256),
+}
+
+
+# ---------------------------------------------------------------- workers (one per process)
+
+
+def texts_and_labels(task: str, n: int, seed: int):
+    from lorafit.data import load_classification_data, load_lm_data
+    from lorafit.recipe import load_recipe
+
+    recipe = load_recipe(ROOT / TASKS[task][0])
+    recipe.data.max_train_samples = n
+    if task == "newsgroups":
+        data = load_classification_data(recipe.data, seed)
+        return data.train.texts, data.train.labels, len(data.labels)
+    data = load_lm_data(recipe.data, seed)
+    return [e["text"] for e in data.train], None, None
+
+
+def worker_peft(task: str, steps: int, warmup: int, tuned: bool) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from lorafit.data import batch_order
+    from lorafit.models import load_model, load_tokenizer, resolve_model
+
+    recipe_path, targets, batch_size, max_length = TASKS[task]
+    torch.manual_seed(0)
+    texts, labels, n_labels = texts_and_labels(task, steps * batch_size, seed=42)
+    name = yaml.safe_load((ROOT / recipe_path).read_text())["model"]["name"]
+    source = resolve_model(name)
+    tokenizer = load_tokenizer(source)
+    classify = task == "newsgroups"
+    model = load_model(source, "sequence-classification" if classify else "causal-lm", tokenizer,
+                       [str(i) for i in range(n_labels)] if classify else None)
+    config = LoraConfig(task_type=TaskType.SEQ_CLS if classify else TaskType.CAUSAL_LM, r=8, lora_alpha=16,
+                        lora_dropout=0.1 if classify else 0.0, target_modules=targets)
+    model = get_peft_model(model, config)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    if not classify:
+        ids = [x + [tokenizer.eos_token_id] for x in ids]
+    order = batch_order([len(x) for x in ids], batch_size, 42, 0, group_by_length=tuned)
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if tuned else torch.enable_grad
+    tokens = samples = 0
+    start = None
+    for step, batch_ids in enumerate(order[:steps]):
+        if step == warmup:
+            start, tokens, samples = time.perf_counter(), 0, 0
+        enc = tokenizer.pad({"input_ids": [ids[i] for i in batch_ids]}, return_tensors="pt")
+        with autocast():
+            if classify:
+                logits = model(**enc).logits
+                loss = F.cross_entropy(logits.float(), torch.tensor([labels[i] for i in batch_ids]))
+            else:
+                target = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+                loss = model(**enc, labels=target).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        tokens += int(enc["attention_mask"].sum())
+        samples += len(batch_ids)
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds}
+
+
+def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool) -> dict:
+    from rich.console import Console
+
+    from lorafit.recipe import load_recipe
+    from lorafit.train import train
+
+    recipe_path, targets, batch_size, _ = TASKS[task]
+    overrides = [f"train.max_steps={steps}", f"data.max_train_samples={steps * batch_size}",
+                 f"train.batch_size={batch_size}", f"lora.target_modules=[{','.join(targets)}]",
+                 "data.max_eval_samples=8", "data.test_split=null", "train.eval_every=null",
+                 "train.save_every=null", "train.eval_at_start=false", "train.log_every=1"]
+    if same_settings:
+        overrides += ["train.precision=fp32", "train.group_by_length=false"]
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(ROOT / recipe_path, [*overrides, f"train.output_dir={tmp}/run"])
+        train(recipe, console=Console(quiet=True))
+        lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    steady = [m for m in lines if "split" not in m and m["step"] > warmup]
+    # Each line covers one step (log_every=1): its time is samples / (samples/s).
+    seconds = sum(batch_size / m["samples_per_s"] for m in steady)
+    tokens = sum(m["tokens_per_s"] * batch_size / m["samples_per_s"] for m in steady)
+    return {"tokens_per_s": tokens / seconds, "samples_per_s": batch_size * len(steady) / seconds}
+
+
+def worker_peak(dtype: str) -> dict:
+    """Matmul peak of this machine in `dtype`: the best of a few large square matmuls."""
+    import torch
+
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+    best = 0.0
+    for _ in range(6):
+        start = time.perf_counter()
+        for _ in range(4):
+            torch.matmul(a, b)
+        best = max(best, 4 * 2 * 2048**3 / (time.perf_counter() - start))
+    return {"flops": best}
+
+
+# ---------------------------------------------------------------- driver
+
+
+def run_worker(worker: list[str], common: list[str]) -> dict:
+    """Run one measurement in a fresh process; its last stdout line is the JSON result."""
+    out = subprocess.run([sys.executable, __file__, *common, "--worker", *worker], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if out.returncode != 0:
+        raise SystemExit(f"worker {worker} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def matmul_flops_per_token(task: str) -> float:
+    """Training matmul FLOPs per (padded) token with frozen base weights: forward 2·P, input
+    gradients 2·P (no weight gradients for frozen layers). Attention-score matmuls are left out,
+    so the fraction is a lower bound."""
+    from lorafit.models import load_model, load_tokenizer, resolve_model
+
+    name = yaml.safe_load((ROOT / TASKS[task][0]).read_text())["model"]["name"]
+    source = resolve_model(name)
+    model = load_model(source, "sequence-classification" if task == "newsgroups" else "causal-lm",
+                       load_tokenizer(source), ["a", "b"] if task == "newsgroups" else None)
+    import torch
+
+    params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 4.0 * params
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=sorted(TASKS), default="newsgroups")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--same-settings", action="store_true")
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "peak":
+            result = worker_peak(rest[0])
+        elif kind == "lorafit":
+            result = worker_lorafit(args.task, args.steps, args.warmup, rest == ["same"])
+        else:
+            result = worker_peft(args.task, args.steps, args.warmup, tuned=kind == "peft-tuned")
+        result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+
+    contenders = {"lorafit": ["lorafit", "same" if args.same_settings else "default"], "peft": ["peft"],
+                  "peft-tuned": ["peft-tuned"]}
+    results: dict[str, list[dict]] = {k: [] for k in contenders}
+    common = ["--task", args.task, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    for round_ in range(args.rounds):
+        for name, worker in contenders.items():
+            results[name].append(run_worker(worker, common))
+            r = results[name][-1]
+            print(f"round {round_ + 1} {name:10s} {r['tokens_per_s']:8.1f} tok/s {r['samples_per_s']:6.2f} samples/s "
+                  f"peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+
+    precision = "fp32" if args.same_settings else "bf16"
+    peak = run_worker(["peak", precision], [])["flops"]
+    print(f"\n{args.task}, {'--same-settings' if args.same_settings else 'lorafit defaults'}, "
+          f"{args.steps} steps ({args.warmup} warm-up), {args.rounds} rounds; medians:")
+    print(f"{'':12s} {'tok/s':>8s} {'samples/s':>10s} {'peak RSS MB':>12s} {'lorafit / this':>15s}")
+    for name, runs in results.items():
+        ratios = [lf["tokens_per_s"] / r["tokens_per_s"] for lf, r in zip(results["lorafit"], runs)]
+        print(f"{name:12s} {statistics.median(r['tokens_per_s'] for r in runs):8.1f} "
+              f"{statistics.median(r['samples_per_s'] for r in runs):10.2f} "
+              f"{statistics.median(r['peak_rss_mb'] for r in runs):12.0f} {statistics.median(ratios):14.2f}x")
+    # Matmul work actually done covers padding too; lorafit's padding is small with grouped batches.
+    flops_per_token = matmul_flops_per_token(args.task)
+    achieved = statistics.median(r["tokens_per_s"] for r in results["lorafit"]) * flops_per_token
+    print(f"lorafit matmul FLOP/s (non-padding tokens x 4 x linear params): {achieved / 1e9:.1f} GFLOP/s = "
+          f"{100 * achieved / peak:.1f}% of this machine's {precision} matmul peak ({peak / 1e9:.1f} GFLOP/s)")
+
+
+if __name__ == "__main__":
+    main()
