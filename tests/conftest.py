@@ -65,6 +65,50 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {kind: save_tiny_model(root / kind, kind) for kind in ("bert", "gpt2", "llama")}
 
 
+# ---------------------------------------------------------------- causal LM
+
+WORDS = "the cat sat on a mat and dog ran to park user assistant system : hello hi how are you fine thanks".split()
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}"
+                 "{% if add_generation_prompt %}assistant :{% endif %}")
+
+
+def lm_tokenizer():
+    """A word-level tokenizer over WORDS with [BOS]/[EOS] and a small chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + WORDS
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
+                                        bos_token="[BOS]", eos_token="[EOS]")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_lm(kind: str):
+    """A tiny random causal LM (fixed seed) whose vocabulary fits `lm_tokenizer`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = tiny_config(kind)
+    config.vocab_size = len(WORDS) + 4
+    config.eos_token_id = 3
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def lm_model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random Llama and GPT-2 causal LMs with `lm_tokenizer`, saved to disk."""
+    root = tmp_path_factory.mktemp("lm-models")
+    dirs = {}
+    for kind in ("llama", "gpt2"):
+        tiny_lm(kind).save_pretrained(root / kind)
+        lm_tokenizer().save_pretrained(root / kind)
+        dirs[kind] = root / kind
+    return dirs
+
+
 def toy_rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []

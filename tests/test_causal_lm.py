@@ -7,46 +7,9 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import read_metrics, tiny_config, write_jsonl, write_recipe
-from transformers import AutoModelForCausalLM
+from conftest import lm_tokenizer, read_metrics, tiny_lm, write_jsonl, write_recipe
 
 from lorafit.lm import IGNORE, collate_lm, count_targets, encode_chat, lm_loss, pack, tokenize_lm
-
-WORDS = "the cat sat on a mat and dog ran to park user assistant system : hello hi how are you fine thanks".split()
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} [EOS] {% endfor %}"
-                 "{% if add_generation_prompt %}assistant :{% endif %}")
-
-
-def lm_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"] + WORDS
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]",
-                                        bos_token="[BOS]", eos_token="[EOS]")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_lm(kind: str):
-    torch.manual_seed(0)
-    config = tiny_config(kind)
-    config.vocab_size = len(WORDS) + 4
-    config.eos_token_id = 3
-    return AutoModelForCausalLM.from_config(config).eval()
-
-
-@pytest.fixture(scope="module")
-def lm_model_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lm-models")
-    dirs = {}
-    for kind in ("llama", "gpt2"):
-        tiny_lm(kind).save_pretrained(root / kind)
-        lm_tokenizer().save_pretrained(root / kind)
-        dirs[kind] = root / kind
-    return dirs
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
