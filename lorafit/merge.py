@@ -1,13 +1,16 @@
 """`lorafit merge`: fold an adapter into its base model's weights and save a plain Hugging Face model.
 
-The merged directory holds `model.safetensors`, `config.json` (with id2label/label2id) and the
-tokenizer, so `AutoModelForSequenceClassification.from_pretrained` loads it without lorafit or
-PEFT. It also holds `lorafit.json` (labels, max_length, the training recipe, where it came
-from), which transformers ignores and `lorafit eval`/`predict` read.
+The merged directory holds `model.safetensors`, `config.json` (with id2label/label2id for
+classifiers) and the tokenizer, so `AutoModelForSequenceClassification.from_pretrained` (or
+`AutoModelForCausalLM.from_pretrained` for causal-LM adapters) loads it without lorafit or PEFT.
+A base model read from a GGUF file is saved the same way, as plain safetensors weights. The
+directory also holds `lorafit.json` (task, labels, max_length, the training recipe, where it came
+from), which transformers ignores and `lorafit eval`/`predict`/`generate` read.
 
 Merging verifies itself: a probe batch goes through the adapter model and through the merged
 model as reloaded from the files just written, and the largest logit difference must be within
-the dtype's tolerance, or nothing is written.
+the dtype's tolerance; the reloaded tokenizer must encode the probe texts (and render a chat) as
+the original does. Otherwise nothing is written.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoTokenizer
 
 from lorafit import __version__
 from lorafit.adapter import load_adapter_model
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_directory, write_json
 from lorafit.lora import lora_layers, merge_lora
-from lorafit.models import model_max_length
+from lorafit.models import TASK_CLASSES, model_max_length
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 META_FILE = "lorafit.json"
@@ -100,8 +103,30 @@ def probe_batch(tokenizer, max_length: int, texts: list[str] = PROBE_TEXTS) -> d
 
 @torch.inference_mode()
 def probe_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(len(PROBE_TEXTS), num_labels) fp32 logits of `model` on the probe batch."""
-    return model(**batch).logits.float()
+    """fp32 logits of `model` on the probe batch: (texts, num_labels) for a classifier, and
+    (real tokens, vocabulary) for a causal LM, whose padded positions are left out."""
+    logits = model(**batch).logits.float()
+    return logits[batch["attention_mask"].bool()] if logits.ndim == 3 else logits
+
+
+PROBE_CHAT = [{"role": "user", "content": PROBE_TEXTS[2]}]
+
+
+def check_saved_tokenizer(directory: Path, tokenizer, trust_remote_code: bool = False) -> None:
+    """The tokenizer as reloaded from `directory` must encode the probe texts, and render a chat
+    turn if there is a chat template, to the same ids as `tokenizer` (e.g. one first read from a
+    GGUF file), else `LorafitError`."""
+    try:
+        reloaded = AutoTokenizer.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise LorafitError(f"the saved tokenizer does not load ({str(err).splitlines()[0]}); nothing written") from None
+    if reloaded(PROBE_TEXTS)["input_ids"] != tokenizer(PROBE_TEXTS)["input_ids"]:
+        raise LorafitError("the saved tokenizer encodes the probe texts differently from the original; nothing written")
+    if getattr(tokenizer, "chat_template", None):
+        render = lambda t: t.apply_chat_template(PROBE_CHAT, add_generation_prompt=True, tokenize=False)  # noqa: E731
+        if not getattr(reloaded, "chat_template", None) or render(reloaded) != render(tokenizer):
+            raise LorafitError("the saved tokenizer renders chats differently from the original (chat template "
+                               "lost or changed); nothing written")
 
 
 def merge_adapter(adapter_dir: Path, output: Path, dtype: str = "float32", base: str | None = None,
@@ -128,8 +153,6 @@ def merge_adapter(adapter_dir: Path, output: Path, dtype: str = "float32", base:
     adapter_dir, output = Path(adapter_dir), Path(output)
     check_output_dir(output, adapter_dir, overwrite)
     model, tokenizer, spec = load_adapter_model(adapter_dir, base)
-    if spec.task != "sequence-classification":
-        raise LorafitError(f"{adapter_dir}: merging {spec.task} adapters is not supported yet")
     max_length = min(spec.meta.get("max_length") or PROBE_MAX_LENGTH, model_max_length(model) or PROBE_MAX_LENGTH,
                      PROBE_MAX_LENGTH)
     batch = probe_batch(tokenizer, max_length)
@@ -147,14 +170,16 @@ def merge_adapter(adapter_dir: Path, output: Path, dtype: str = "float32", base:
     with atomic_directory(output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        labels = ([model.config.id2label[i] for i in range(model.config.num_labels)]
+                  if spec.task == "sequence-classification" else None)
         write_json(tmp / META_FILE, {
-            "lorafit_version": __version__, "task": spec.task,
-            "labels": [model.config.id2label[i] for i in range(model.config.num_labels)],
+            "lorafit_version": __version__, "task": spec.task, "labels": labels,
             **{k: spec.meta[k] for k in ("max_length", "trust_remote_code", "recipe") if k in spec.meta},
             "merged_from": str(adapter_dir), "base_model": base or spec.base_model, "dtype": dtype,
         })
         # Check the files, not the object in memory: what a user will load is what we compare.
-        reloaded = AutoModelForSequenceClassification.from_pretrained(tmp, dtype="auto", trust_remote_code=trust)
+        check_saved_tokenizer(tmp, tokenizer, trust)
+        reloaded = TASK_CLASSES[spec.task].from_pretrained(tmp, dtype="auto", trust_remote_code=trust)
         diff = (probe_logits(reloaded.eval(), batch) - reference).abs().max().item()
         if not diff <= tolerance:  # `not <=` also catches NaN, e.g. from an fp16 overflow
             raise LorafitError(f"merged model saved in {dtype} differs from the adapter: largest logit difference "

@@ -124,9 +124,24 @@ def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | No
         )
     except (OSError, ValueError) as err:
         raise LorafitError(f"could not load model {source.name}: {str(err).splitlines()[0]}") from None
+    if "gguf_file" in source.kwargs:
+        drop_gguf_quantizer(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
+
+
+def drop_gguf_quantizer(model: PreTrainedModel) -> None:
+    """Make a model read from a GGUF file a plain one.
+
+    transformers dequantizes the file's weights into ordinary fp32 layers but keeps its GGUF
+    quantizer attached, and `save_pretrained` then refuses the model ("quantized with gguf and is
+    not serializable"), so a merged model could not be saved. Once every weight is a dense float
+    tensor that record is stale, and it goes; weights kept packed (uint8 blocks) keep it.
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and all(p.is_floating_point() for p in model.parameters()):
+        quantizer.remove_quantization_config(model)
 
 
 def model_max_length(model: PreTrainedModel) -> int | None:
