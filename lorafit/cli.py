@@ -137,7 +137,11 @@ def eval_(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON report path (the confusion PNG goes beside it).")] = None,
     base: BaseOpt = None,
 ) -> None:
-    """Score a run, an adapter or a merged model on a labelled split: accuracy, F1, confusion matrix."""
+    """Score a run, an adapter or a merged model on a split.
+
+    Classifiers: accuracy, F1, confusion matrix. Causal LMs: loss, perplexity and, for prompt +
+    completion data, exact match of greedy completions.
+    """
     from lorafit.inference import run_eval
 
     _quiet_libraries()
@@ -159,6 +163,28 @@ def predict_(
 
     _quiet_libraries()
     run_predict(path, list(texts or []), file=file, output=output, base=base, console=console)
+
+
+@app.command()
+@user_errors
+def generate(
+    path: ModelArg,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt to continue.", show_default=False)],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generate at most this many tokens.")] = 128,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 means greedy.")] = 0.7,
+    top_p: Annotated[float, typer.Option("--top-p", help="Sample from the top-p probability mass.")] = 0.9,
+    chat_template: Annotated[bool | None, typer.Option(
+        "--chat-template/--no-chat-template",
+        help="Render the prompt as a chat turn (default: as in training, data.use_chat_template).")] = None,
+    base: BaseOpt = None,
+) -> None:
+    """Generate text from a causal LM (a run, an adapter or a merged model), streaming it as it comes."""
+    from lorafit.generate import run_generate
+
+    _quiet_libraries()
+    run_generate(path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, base=base,
+                 use_chat_template=chat_template, on_text=lambda text: typer.echo(text, nl=False))
+    typer.echo()
 
 
 @app.command()

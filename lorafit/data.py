@@ -274,23 +274,28 @@ def _lm_example(row: dict, cfg: DataConfig, fmt: str) -> dict | None:
     return {"text": text} if text else None
 
 
+def _lm_examples(rows: list[dict], cfg: DataConfig, fmt: str, split: str) -> list[dict]:
+    found = [e for row in rows if (e := _lm_example(row, cfg, fmt)) is not None]
+    if not found:
+        raise LorafitError(f"data: split {split!r} is empty")
+    return found
+
+
+def _check_newsgroups_lm_columns(cfg: DataConfig) -> None:
+    if cfg.path == NEWSGROUPS:
+        for key in ("prompt_column", "completion_column", "text_column"):
+            if getattr(cfg, key) not in (None, "text", "label"):
+                raise LorafitError(f"data.{key}: 20newsgroups rows have the columns 'text' and 'label'")
+
+
 def load_lm_data(cfg: DataConfig, seed: int) -> LMData:
     """The recipe's splits as causal-LM examples (empty texts dropped), with the eval hold-out."""
     from sklearn.model_selection import train_test_split
 
     fmt = lm_format(cfg)
-    if cfg.path == NEWSGROUPS:
-        for key in ("prompt_column", "completion_column", "text_column"):
-            if getattr(cfg, key) not in (None, "text", "label"):
-                raise LorafitError(f"data.{key}: 20newsgroups rows have the columns 'text' and 'label'")
+    _check_newsgroups_lm_columns(cfg)
     rows = _lm_rows(cfg)
-
-    def examples(split: str) -> list[dict]:
-        found = [e for row in rows[split] if (e := _lm_example(row, cfg, fmt)) is not None]
-        if not found:
-            raise LorafitError(f"data: split {split!r} is empty")
-        return found
-
+    examples = lambda split: _lm_examples(rows[split], cfg, fmt, split)  # noqa: E731
     train = examples(cfg.train_split)
     if cfg.eval_split:
         eval_ = examples(cfg.eval_split)
@@ -305,6 +310,16 @@ def load_lm_data(cfg: DataConfig, seed: int) -> LMData:
         eval_ = eval_[: cfg.max_eval_samples]
         test = test[: cfg.max_eval_samples] if test is not None else None
     return LMData(fmt, train, eval_, test)
+
+
+def load_lm_split(cfg: DataConfig, split: str, max_samples: int | None = None) -> list[dict]:
+    """One split of the dataset `cfg` names, as causal-LM examples (see `LMData`), for scoring a
+    trained model: only `split` is read (no hold-out); `max_samples` keeps the first N examples, as
+    `data.max_eval_samples` does for the test split in training."""
+    _check_newsgroups_lm_columns(cfg)
+    only = dataclasses.replace(cfg, train_split=split, eval_split=None, test_split=None)
+    examples = _lm_examples(_lm_rows(only)[split], only, lm_format(only), split)
+    return examples[:max_samples] if max_samples else examples
 
 
 # ---------------------------------------------------------------- tokenizing and batching

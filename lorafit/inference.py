@@ -1,5 +1,8 @@
-"""Using a trained classifier: load it from a run directory, an adapter or a merged model, score it
-on a labelled split (`lorafit eval`) and label new texts (`lorafit predict`).
+"""Using a trained model: load it from a run directory, an adapter or a merged model; score a
+classifier on a labelled split (`lorafit eval`) and label new texts (`lorafit predict`).
+
+Causal LMs load here too (`load_causal_lm`); their scoring is in `lm_inference`, their generation
+in `generate`. `lorafit eval` hands causal LMs to `lm_inference.run_lm_eval`.
 
 Inference runs as training's evaluation does: same device choice, same precision rule
 (`train.precision` of the recipe through `resolve_precision`/`autocast_for`), same eval batch
@@ -9,6 +12,7 @@ numbers in the run's metrics.jsonl.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,14 +21,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from transformers import AutoModelForSequenceClassification
 
-from lorafit.adapter import CONFIG_FILE, META_FILE, load_adapter_model
+from lorafit.adapter import CONFIG_FILE, META_FILE, load_adapter_model, read_adapter_spec
 from lorafit.data import TextSplit, TokenizedSplit, load_labelled_split, tokenize
 from lorafit.errors import LorafitError
 from lorafit.evaluate import classification_report, predict
 from lorafit.io import read_json, write_json
-from lorafit.models import ModelSource, load_tokenizer, model_max_length
+from lorafit.lm import has_chat_template
+from lorafit.models import TASK_CLASSES, ModelSource, load_tokenizer, model_max_length
 from lorafit.recipe import DataConfig, Recipe, TrainConfig, load_recipe, recipe_from_dict
 from lorafit.report import metrics_table, plot_confusion
 from lorafit.train import autocast_for, pick_device, resolve_precision
@@ -68,10 +72,26 @@ def locate(path: Path) -> tuple[str, Path]:
                        f"or a model directory (config.json)")
 
 
-def load_merged_model(directory: Path, meta: dict):
+def model_task(kind: str, directory: Path) -> str:
+    """What a located model does: "sequence-classification" or "causal-lm".
+
+    Adapters say so in lorafit.json or PEFT's task_type; merged models in lorafit.json, else their
+    config.json names the architecture (`...ForCausalLM`, GPT-2's `GPT2LMHeadModel`).
+    """
+    if kind != "merged":
+        return read_adapter_spec(directory).task
+    meta = read_json(directory / META_FILE) if (directory / META_FILE).is_file() else {}
+    if meta.get("task"):
+        return meta["task"]
+    architectures = read_json(directory / "config.json").get("architectures") or []
+    return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) \
+        else "sequence-classification"
+
+
+def load_merged_model(directory: Path, meta: dict, task: str = "sequence-classification"):
     trust = bool(meta.get("trust_remote_code", False))
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(directory, dtype="auto", trust_remote_code=trust)
+        model = TASK_CLASSES[task].from_pretrained(directory, dtype="auto", trust_remote_code=trust)
     except (OSError, ValueError) as err:
         raise LorafitError(f"could not load model {directory}: {str(err).splitlines()[0]}") from None
     tokenizer = load_tokenizer(ModelSource(str(directory), str(directory)), trust_remote_code=trust)
@@ -80,19 +100,19 @@ def load_merged_model(directory: Path, meta: dict):
     return model.eval(), tokenizer
 
 
-def load_classifier(path: Path, base: str | None = None, recipe_path: Path | None = None) -> Classifier:
-    """Load a run directory, an adapter (lorafit's or PEFT's, onto its base or `base`) or a merged model.
+def load_trained(path: Path, kind: str, directory: Path, task: str, base: str | None = None,
+                 recipe_path: Path | None = None):
+    """The model, tokenizer and recipe of a located run, adapter or merged model.
 
-    Raises `LorafitError` for a path that is none of these, `base` given for a merged model, or
-    files that do not load.
+    The recipe is `recipe_path`, else the run's recipe.yaml, else the one recorded in lorafit.json,
+    else None. Returns (model, tokenizer, recipe, max_length): max_length is the recipe's
+    `data.max_length` (or lorafit.json's), at most the model's limit.
     """
-    path = Path(path)
-    kind, directory = locate(path)
     meta = read_json(directory / META_FILE) if (directory / META_FILE).is_file() else {}
     if kind == "merged":
         if base is not None:
             raise LorafitError(f"--base applies to adapters; {path} is a merged model")
-        model, tokenizer = load_merged_model(directory, meta)
+        model, tokenizer = load_merged_model(directory, meta, task)
     else:
         model, tokenizer, _ = load_adapter_model(directory, base)
     if recipe_path is not None:
@@ -105,8 +125,63 @@ def load_classifier(path: Path, base: str | None = None, recipe_path: Path | Non
         recipe = None
     limit = model_max_length(model) or FALLBACK_MAX_LENGTH
     max_length = min(recipe.data.max_length if recipe else meta.get("max_length") or limit, limit)
+    return model, tokenizer, recipe, max_length
+
+
+def load_classifier(path: Path, base: str | None = None, recipe_path: Path | None = None) -> Classifier:
+    """Load a run directory, an adapter (lorafit's or PEFT's, onto its base or `base`) or a merged model.
+
+    Raises `LorafitError` for a path that is none of these, a causal LM, `base` given for a merged
+    model, or files that do not load.
+    """
+    path = Path(path)
+    kind, directory = locate(path)
+    if model_task(kind, directory) == "causal-lm":
+        raise LorafitError(f"{path} is a causal language model, not a classifier; "
+                           f"generate text with: lorafit generate {path} --prompt TEXT")
+    model, tokenizer, recipe, max_length = load_trained(path, kind, directory, "sequence-classification", base,
+                                                        recipe_path)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
     return Classifier(model, tokenizer, labels, kind, path, recipe, max_length)
+
+
+@dataclass
+class CausalLM:
+    """A trained causal LM ready for generation and scoring, and what is known about how it was trained."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    kind: str  # "run", "adapter" or "merged"
+    path: Path
+    recipe: Recipe | None
+    max_length: int
+    """Eval examples are truncated to this many tokens, as in training."""
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return self.recipe.train if self.recipe else TrainConfig()
+
+    @property
+    def use_chat_template(self) -> bool:
+        """Whether prompts are rendered with the chat template: the recipe's `data.use_chat_template`
+        (default true) and the tokenizer has one, as training renders prompt + completion data."""
+        wanted = self.recipe.data.use_chat_template if self.recipe else DataConfig().use_chat_template
+        return wanted and has_chat_template(self.tokenizer)
+
+
+def load_causal_lm(path: Path, base: str | None = None, recipe_path: Path | None = None) -> CausalLM:
+    """Load a causal LM from a run directory, an adapter (onto its base or `base`) or a merged model.
+
+    Raises `LorafitError` for a path that is none of these, a classifier, `base` given for a merged
+    model, or files that do not load.
+    """
+    path = Path(path)
+    kind, directory = locate(path)
+    if model_task(kind, directory) != "causal-lm":
+        raise LorafitError(f"{path} is a sequence-classification model, not a causal language model; "
+                           f"label texts with: lorafit predict {path} TEXT")
+    model, tokenizer, recipe, max_length = load_trained(path, kind, directory, "causal-lm", base, recipe_path)
+    return CausalLM(model, tokenizer, kind, path, recipe, max_length)
 
 
 def run_batches(classifier: Classifier, split: TokenizedSplit, console: Console, what: str):
@@ -132,22 +207,22 @@ def run_batches(classifier: Classifier, split: TokenizedSplit, console: Console,
 class EvalResult:
     report: dict
     report_path: Path
-    confusion_path: Path
+    confusion_path: Path | None = None  # classifiers only
 
 
-def eval_data(classifier: Classifier, split: str | None, data_files: str | None) -> tuple[DataConfig, str]:
-    """The data to score on: the recipe's test split, or `split`, or a labelled file `data_files`."""
-    recipe = classifier.recipe
+def eval_data(trained: Classifier | CausalLM, split: str | None, data_files: str | None) -> tuple[DataConfig, str]:
+    """The data to score on: the recipe's test split, or `split`, or a file `data_files` read with
+    the recipe's columns (text and label; for causal LMs prompt, completion, messages, template)."""
+    recipe = trained.recipe
     if data_files is not None:
         fmt = DATA_FORMATS.get(Path(data_files).suffix)
         if fmt is None:
             raise LorafitError(f"--data-files {data_files}: use a {', '.join(DATA_FORMATS)} file")
         split = split or "test"
         columns = recipe.data if recipe else DataConfig()
-        return DataConfig(path=fmt, data_files={split: str(data_files)}, text_column=columns.text_column,
-                          label_column=columns.label_column), split
+        return dataclasses.replace(columns, path=fmt, data_files={split: str(data_files)}), split
     if recipe is None:
-        raise LorafitError(f"{classifier.path} records no recipe to say what data to score it on; "
+        raise LorafitError(f"{trained.path} records no recipe to say what data to score it on; "
                            f"pass --recipe RECIPE.yaml or --data-files FILE")
     split = split or recipe.data.test_split
     if split is None:
@@ -155,11 +230,11 @@ def eval_data(classifier: Classifier, split: str | None, data_files: str | None)
     return recipe.data, split
 
 
-def default_report_path(classifier: Classifier, split: str) -> Path:
+def default_report_path(trained: Classifier | CausalLM, split: str) -> Path:
     """A run's report goes inside the run; others beside the model directory (never into it)."""
-    if classifier.kind == "run":
-        return classifier.path / f"eval-{split}.json"
-    path = classifier.path if classifier.path.name else classifier.path.resolve()
+    if trained.kind == "run":
+        return trained.path / f"eval-{split}.json"
+    path = trained.path if trained.path.name else trained.path.resolve()
     return path.parent / f"{path.name}-eval-{split}.json"
 
 
@@ -168,6 +243,7 @@ def run_eval(path: Path, recipe_path: Path | None = None, split: str | None = No
              console: Console | None = None) -> EvalResult:
     """Score a run, adapter or merged model on a labelled split; write a JSON report and a confusion PNG.
 
+    Causal LMs are scored by `lm_inference.run_lm_eval` (loss, perplexity, exact match; no PNG).
     Data defaults to the recipe's test split, first `data.max_eval_samples` examples (as training
     scores it); `split`, `data_files` and `max_samples` override. The report holds loss, accuracy,
     macro-F1, per-class precision/recall/F1/support and the confusion matrix (`classification_report`),
@@ -176,6 +252,11 @@ def run_eval(path: Path, recipe_path: Path | None = None, split: str | None = No
     console = console or Console()
     if max_samples is not None and max_samples < 1:
         raise LorafitError(f"--max-samples {max_samples}: use a positive number")
+    kind, directory = locate(path)
+    if model_task(kind, directory) == "causal-lm":
+        from lorafit.lm_inference import run_lm_eval  # it imports this module
+
+        return run_lm_eval(path, recipe_path, split, data_files, max_samples, base, output, console)
     classifier = load_classifier(path, base, recipe_path)
     data_cfg, split = eval_data(classifier, split, data_files)
     if max_samples is None and data_files is None and classifier.recipe is not None:
