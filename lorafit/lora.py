@@ -143,6 +143,17 @@ def find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
         if not hits:
             raise LorafitError(f"lora.modules_to_save: {pattern!r} matches no module of the model")
         found += [h for h in hits if h not in found]
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for module_name in found:
+        for param in model.get_submodule(module_name).parameters():
+            outside = [n for n in owners[id(param)] if not n.startswith(module_name + ".")]
+            if outside:
+                raise LorafitError(
+                    f"lora.modules_to_save: {module_name} shares its weights with {outside[0].rsplit('.', 1)[0]} "
+                    f"(tied embeddings); training it in full would change both, which an adapter cannot express"
+                )
     return found
 
 

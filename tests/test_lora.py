@@ -131,3 +131,13 @@ def test_merged_weight_is_transposed_for_conv1d():
     a, b = torch.randn(2, 6), torch.randn(5, 2)
     torch.testing.assert_close(merged_weight(w, a, b, 0.5, fan_in_fan_out=True), w + 0.5 * (b @ a).T)
     assert merged_weight(w.bfloat16(), a, b, 0.5, fan_in_fan_out=True).dtype == torch.bfloat16
+
+
+def test_tied_output_head_cannot_be_saved_in_full():
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(tiny_config("gpt2"))  # lm_head is tied to transformer.wte
+    with pytest.raises(LorafitError, match=r"lora.modules_to_save: lm_head shares its weights with transformer.wte "
+                                           r"\(tied embeddings\)"):
+        add_lora(model, rank=4, alpha=8, target_modules=["c_attn"], modules_to_save=["lm_head"])
