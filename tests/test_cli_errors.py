@@ -102,3 +102,43 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny_models, toy_data, tmp_path,
     assert "trainable params  611 of" in result.stdout
     assert "rank: 2" in result.stdout
     assert not out.exists()
+
+
+def test_missing_model_directory(toy_data, tmp_path, run_cli):
+    raw = toy_recipe(tmp_path / "no-such-model", toy_data, tmp_path / "out")
+    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (f"error: model.name: '{tmp_path / 'no-such-model'}' is not a model directory "
+                                     f"(and not a hub id)")
+
+
+def test_missing_label_column(tiny_models, toy_data, tmp_path, run_cli):
+    raw = toy_recipe(tiny_models["bert"], toy_data, tmp_path / "out", data={"label_column": "topic"})
+    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert result.exit_code == 2
+    assert "data.label_column: column 'topic' not found in split 'train'; columns are ['text', 'label']" in (
+        result.stderr.replace("\n", ""))
+
+
+def test_empty_dataset(tiny_models, toy_data, tmp_path, run_cli):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    raw = toy_recipe(tiny_models["bert"], {**toy_data, "train": empty}, tmp_path / "out")
+    raw["data"]["path"] = "csv"
+    raw["data"]["data_files"] = {"train": str(empty)}
+    raw["data"]["eval_split"] = raw["data"]["test_split"] = None
+    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert result.exit_code == 2
+    # datasets itself refuses a file with no rows; the message still says which dataset and why.
+    assert result.stderr.strip() == "error: data: could not load dataset 'csv': Instruction \"train\" corresponds to no data!"
+
+
+def test_test_labels_absent_from_train(tiny_models, toy_data, tmp_path, run_cli):
+    from conftest import write_jsonl
+
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "the ball", "label": "cooking"}])
+    raw = toy_recipe(tiny_models["bert"], {**toy_data, "test": test}, tmp_path / "out")
+    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
+    assert result.exit_code == 2
+    assert "error: data: the test split has labels the train split lacks: ['cooking']" in result.stderr
+    assert not (tmp_path / "out" / "adapter").exists()
