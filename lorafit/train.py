@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import time
 from contextlib import contextmanager, nullcontext
@@ -124,13 +125,21 @@ class MetricsLog:
         self.file.close()
 
 
+RUN_FILES = ("metrics.jsonl", "recipe.yaml", "summary.json", "plot.png")
+RUN_DIRS = ("adapter", "checkpoints", "tensorboard")
+
+
 def prepare_output_dir(path: Path, overwrite: bool) -> None:
+    """Create the run directory. A non-empty one is refused, or with `overwrite` cleared of the files a
+    run writes (only those: a mistyped --output-dir never loses anything else)."""
     if path.exists() and any(path.iterdir()):
         if not overwrite:
-            raise LorafitError(f"output directory {path} exists and is not empty; pass --overwrite to replace it "
-                               f"or choose another with --output-dir")
-        for name in ("metrics.jsonl", "recipe.yaml", "summary.json"):
+            raise LorafitError(f"output directory {path} exists and is not empty; pass --overwrite to replace it, "
+                               f"--resume to continue it, or choose another with --output-dir")
+        for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
+        for name in RUN_DIRS:
+            shutil.rmtree(path / name, ignore_errors=True)
     path.mkdir(parents=True, exist_ok=True)
 
 

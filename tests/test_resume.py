@@ -223,3 +223,15 @@ def test_full_disk_while_saving_loses_nothing(tiny_models, toy_data, tmp_path, r
     # The earlier checkpoint is intact, nothing half-written is left, and resume picks up step 5.
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-5"]
     assert [p.name for p in list_checkpoints(out)] == ["step-5"]
+
+
+def test_overwrite_clears_the_old_run_but_nothing_else(reference_run, tiny_models, toy_data, tmp_path, run_cli):
+    out = tmp_path / "run"
+    shutil.copytree(reference_run, out)
+    (out / "notes.txt").write_text("mine")
+    raw = resume_recipe(tiny_models, toy_data, out, max_steps=4, save_every=None)
+    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw), "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert not (out / "checkpoints").exists()  # old checkpoints could otherwise be resumed into the new run
+    assert max(train_losses(out)) == 4
+    assert (out / "notes.txt").read_text() == "mine"
