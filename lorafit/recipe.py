@@ -19,7 +19,6 @@ import yaml
 
 from lorafit.errors import LorafitError
 
-TASKS = ("sequence-classification", "causal-lm")
 NEWSGROUPS_PARTS = ("headers", "footers", "quotes")
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import math
 import random
 import shutil
@@ -39,8 +38,6 @@ from lorafit.lora import LoraPlan, add_lora, classification_head
 from lorafit.models import load_model, load_tokenizer, model_max_length, resolve_model
 from lorafit.recipe import Recipe, dump_recipe
 from lorafit.report import plot_training, with_tensorboard
-
-log = logging.getLogger("lorafit")
 
 
 # ---------------------------------------------------------------- hardware

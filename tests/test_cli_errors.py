@@ -21,6 +21,14 @@ def assert_one_line_error(result, message: str) -> None:
     assert result.stderr.strip() == f"error: {message}"
 
 
+def train_error(run_cli, tmp_path, raw: dict, *args: str) -> str:
+    """Run `lorafit train` on recipe `raw`; it must fail as bad input. Returns stderr as one line."""
+    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw), *args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.stderr
+    return " ".join(result.stderr.split())
+
+
 def test_unknown_key_suggests_a_fix(tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", {"name": "r", "model": {"name": "m"}, "lora": {"rnak": 4}})
     assert_one_line_error(lorafit("validate", recipe), f"{recipe}: lora.rnak: unknown key (did you mean 'lora.rank'?)")
@@ -50,9 +58,8 @@ def test_validate_accepts_a_good_recipe():
 
 def test_no_matching_target_modules(tiny_models, toy_data, tmp_path, run_cli):
     raw = toy_recipe(tiny_models["bert"], toy_data, tmp_path / "out", lora={"target_modules": ["q_proj"]})
-    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
-    assert result.exit_code == 2
-    assert result.stderr.strip().replace("\n", " ") == (
+    error = train_error(run_cli, tmp_path, raw)
+    assert error == (
         "error: lora.target_modules: none of ['q_proj'] matches a module of the model; its linear layers are named "
         "['classifier', 'dense', 'key', 'query', 'value']"
     )
@@ -62,35 +69,29 @@ def test_no_matching_target_modules(tiny_models, toy_data, tmp_path, run_cli):
 def test_missing_data_file(tiny_models, toy_data, tmp_path, run_cli):
     raw = toy_recipe(tiny_models["bert"], toy_data, tmp_path / "out")
     raw["data"]["data_files"]["train"] = str(tmp_path / "missing.jsonl")
-    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
-    assert result.exit_code == 2
-    assert f"error: data.data_files: file not found: {tmp_path / 'missing.jsonl'}" in result.stderr.replace("\n", "")
+    error = train_error(run_cli, tmp_path, raw)
+    assert f"error: data.data_files: file not found: {tmp_path / 'missing.jsonl'}" in error
 
 
 def test_missing_text_column(tiny_models, toy_data, tmp_path, run_cli):
     raw = toy_recipe(tiny_models["bert"], toy_data, tmp_path / "out", data={"text_column": "body"})
-    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
-    assert result.exit_code == 2
-    assert "data.text_column: column 'body' not found in split 'train'; columns are ['text', 'label']" in (
-        result.stderr.replace("\n", ""))
+    error = train_error(run_cli, tmp_path, raw)
+    assert "data.text_column: column 'body' not found in split 'train'; columns are ['text', 'label']" in error
 
 
 def test_existing_output_dir_is_not_overwritten(tiny_models, toy_data, tmp_path, run_cli):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    result = run_cli("train", write_recipe(tmp_path / "r.yaml", toy_recipe(tiny_models["bert"], toy_data, out)))
-    assert result.exit_code == 2
-    assert "exists and is not empty; pass --overwrite" in result.stderr
+    error = train_error(run_cli, tmp_path, toy_recipe(tiny_models["bert"], toy_data, out))
+    assert "exists and is not empty; pass --overwrite" in error
     assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
 def test_max_length_above_model_limit(tiny_models, toy_data, tmp_path, run_cli):
     raw = toy_recipe(tiny_models["bert"], toy_data, tmp_path / "out", data={"max_length": 128})
-    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
-    assert result.exit_code == 2
-    assert "data.max_length: 128 is above the model's limit of 64 tokens; use at most 64" in (
-        result.stderr.replace("\n", " "))
+    error = train_error(run_cli, tmp_path, raw)
+    assert "data.max_length: 128 is above the model's limit of 64 tokens; use at most 64" in error
 
 
 def test_dry_run_prints_plan_and_writes_nothing(tiny_models, toy_data, tmp_path, run_cli):
@@ -106,18 +107,14 @@ def test_dry_run_prints_plan_and_writes_nothing(tiny_models, toy_data, tmp_path,
 
 def test_missing_model_directory(toy_data, tmp_path, run_cli):
     raw = toy_recipe(tmp_path / "no-such-model", toy_data, tmp_path / "out")
-    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
-    assert result.exit_code == 2
-    assert result.stderr.strip() == (f"error: model.name: '{tmp_path / 'no-such-model'}' is not a model directory "
-                                     f"(and not a hub id)")
+    error = train_error(run_cli, tmp_path, raw)
+    assert error == f"error: model.name: '{tmp_path / 'no-such-model'}' is not a model directory (and not a hub id)"
 
 
 def test_missing_label_column(tiny_models, toy_data, tmp_path, run_cli):
     raw = toy_recipe(tiny_models["bert"], toy_data, tmp_path / "out", data={"label_column": "topic"})
-    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
-    assert result.exit_code == 2
-    assert "data.label_column: column 'topic' not found in split 'train'; columns are ['text', 'label']" in (
-        result.stderr.replace("\n", ""))
+    error = train_error(run_cli, tmp_path, raw)
+    assert "data.label_column: column 'topic' not found in split 'train'; columns are ['text', 'label']" in error
 
 
 def test_empty_dataset(tiny_models, toy_data, tmp_path, run_cli):
@@ -127,10 +124,9 @@ def test_empty_dataset(tiny_models, toy_data, tmp_path, run_cli):
     raw["data"]["path"] = "csv"
     raw["data"]["data_files"] = {"train": str(empty)}
     raw["data"]["eval_split"] = raw["data"]["test_split"] = None
-    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
-    assert result.exit_code == 2
+    error = train_error(run_cli, tmp_path, raw)
     # datasets itself refuses a file with no rows; the message still says which dataset and why.
-    assert result.stderr.strip() == "error: data: could not load dataset 'csv': Instruction \"train\" corresponds to no data!"
+    assert error == "error: data: could not load dataset 'csv': Instruction \"train\" corresponds to no data!"
 
 
 def test_test_labels_absent_from_train(tiny_models, toy_data, tmp_path, run_cli):
@@ -138,7 +134,6 @@ def test_test_labels_absent_from_train(tiny_models, toy_data, tmp_path, run_cli)
 
     test = write_jsonl(tmp_path / "test.jsonl", [{"text": "the ball", "label": "cooking"}])
     raw = toy_recipe(tiny_models["bert"], {**toy_data, "test": test}, tmp_path / "out")
-    result = run_cli("train", write_recipe(tmp_path / "r.yaml", raw))
-    assert result.exit_code == 2
-    assert "error: data: the test split has labels the train split lacks: ['cooking']" in result.stderr
+    error = train_error(run_cli, tmp_path, raw)
+    assert "error: data: the test split has labels the train split lacks: ['cooking']" in error
     assert not (tmp_path / "out" / "adapter").exists()
