@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataConfig
 
@@ -325,9 +326,23 @@ def load_lm_split(cfg: DataConfig, split: str, max_samples: int | None = None) -
 # ---------------------------------------------------------------- tokenizing and batching
 
 
-def tokenize(split: TextSplit, tokenizer, max_length: int) -> TokenizedSplit:
-    encoded = tokenizer(split.texts, truncation=True, max_length=max_length)
-    return TokenizedSplit(encoded["input_ids"], list(split.labels))
+def tokenize(split: TextSplit, tokenizer, max_length: int, cache: bool = False) -> TokenizedSplit:
+    """Token ids of `split`'s texts, truncated to `max_length`; the labels are passed through.
+
+    With `cache`, the ids are read from the tokenization cache (`lorafit.cache`) when the same
+    tokenizer has tokenized the same texts at this `max_length` before, and stored there otherwise.
+    """
+    key = None
+    if cache:
+        params = {"kind": "classification", "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": max_length}
+        key = cache_key(params, split.texts)
+        entry = load_tokens(key, ["input_ids"])
+        if entry is not None:
+            return TokenizedSplit(entry[0]["input_ids"], list(split.labels))
+    input_ids = tokenizer(split.texts, truncation=True, max_length=max_length)["input_ids"]
+    if key is not None:
+        save_tokens(key, {"input_ids": input_ids}, {})
+    return TokenizedSplit(input_ids, list(split.labels))
 
 
 def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:

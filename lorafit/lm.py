@@ -11,11 +11,13 @@ prediction for it comes from position t-1 (the shift happens in `lm_loss`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
 from lorafit.errors import LorafitError
 
 IGNORE = -100
@@ -164,10 +166,26 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def tokenize_lm(examples: list[dict], tokenizer, max_length: int, fmt: str, use_chat_template: bool = True,
-                packing: bool = False) -> LMSplit:
+                packing: bool = False, cache: bool = False) -> LMSplit:
     """Token ids and loss labels for examples from `data.load_lm_data`; examples with nothing left to
-    learn after truncation are dropped (and counted)."""
+    learn after truncation are dropped (and counted).
+
+    With `cache`, the split (packed, if `packing`) is read from the tokenization cache
+    (`lorafit.cache`) when the same tokenizer and settings have tokenized the same examples before,
+    and stored there otherwise.
+    """
     chat = use_chat_template and has_chat_template(tokenizer)
+    key = None
+    if cache:
+        params = {"kind": "causal-lm", "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": max_length,
+                  "format": fmt, "chat_template": chat, "packing": packing}
+        key = cache_key(params, (json.dumps(example, sort_keys=True) for example in examples))
+        names = ["input_ids", "labels", "segments"] if packing else ["input_ids", "labels"]
+        entry = load_tokens(key, names, ["dropped", "references"])
+        if entry is not None:
+            lists, meta = entry
+            return LMSplit(lists["input_ids"], lists["labels"], lists.get("segments"), meta["dropped"],
+                           meta["references"])
     input_ids, labels, references, dropped = [], [], [], 0
     for example in examples:
         if fmt == "chat":
@@ -183,4 +201,11 @@ def tokenize_lm(examples: list[dict], tokenizer, max_length: int, fmt: str, use_
         labels.append(labs)
         references.append(example.get("completion", ""))
     split = LMSplit(input_ids, labels, None, dropped, references)
-    return pack(split, max_length) if packing else split
+    if packing:
+        split = pack(split, max_length)
+    if key is not None:
+        lists = {"input_ids": split.input_ids, "labels": split.labels}
+        if split.segments is not None:
+            lists["segments"] = split.segments
+        save_tokens(key, lists, {"dropped": split.dropped, "references": split.references})
+    return split

@@ -106,10 +106,26 @@ def load_tokenizer(source: ModelSource, trust_remote_code: bool = False):
     return tokenizer
 
 
+def dropout_keys(config) -> list[str]:
+    """The config's dropout rates, whatever the architecture calls them (hidden_dropout_prob,
+    attention_dropout, resid_pdrop, classifier_dropout, ...)."""
+    return [key for key, value in config.to_dict().items()
+            if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float)]
+
+
 def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | None = None,
-               trust_remote_code: bool = False) -> PreTrainedModel:
-    """Load the base model in fp32 for `task` (classification heads get `labels`)."""
+               trust_remote_code: bool = False, dropout: float | None = None) -> PreTrainedModel:
+    """Load the base model in fp32 for `task` (classification heads get `labels`).
+
+    `dropout` replaces every dropout rate of the model (None keeps the checkpoint's own).
+    """
     kwargs = dict(source.kwargs)
+    if dropout is not None:
+        try:
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs)
+        except (OSError, ValueError) as err:
+            raise LorafitError(f"could not load model {source.name}: {str(err).splitlines()[0]}") from None
+        kwargs.update({key: dropout for key in dropout_keys(config)})
     if task == "sequence-classification":
         if not labels:
             raise LorafitError("sequence classification needs at least one label")
@@ -123,6 +139,10 @@ def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | No
         raise LorafitError(f"could not load model {source.name}: {str(err).splitlines()[0]}") from None
     if "gguf_file" in source.kwargs:
         drop_gguf_quantizer(model)
+    if dropout is not None:  # modules with a hard-coded rate too
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = dropout
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

