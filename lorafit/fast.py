@@ -3,8 +3,12 @@
 - `FastDropout`: dropout whose mask is cut from 64-bit random words (four 15-bit draws per word)
   instead of `bernoulli_`, about five times cheaper on CPUs, where `nn.Dropout` was a third of a
   MiniLM training step. The drop probability is rounded to a multiple of 2^-15 (0.1 -> 0.100006).
+  The attention-probability dropout gets the same mask through `ATTENTION`, an SDPA attention
+  that does the dropout itself (torch's SDPA falls back to its slow math path with bernoulli
+  masks whenever dropout is on, and has no fast path for it on CPUs).
 - `store_frozen_weights`: frozen Linear weights kept in bf16 once, instead of autocast casting
   them again at every step; results are bit-identical under bf16 autocast.
+- `head_cross_entropy`: the LM head and its loss a chunk of rows at a time.
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
 MASK_BITS = 15
@@ -57,6 +64,47 @@ class FastDropout(nn.Dropout):
         return _Dropout.apply(x, self.p)
 
 
+ATTENTION = "lorafit_sdpa"
+
+
+def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
+                      is_causal=None, **kwargs):
+    """transformers' SDPA attention, except that attention dropout on a CPU uses `keep_mask`.
+
+    Without dropout (evaluation, or p = 0) this is transformers' SDPA itself, fused kernels and all.
+    """
+    if dropout == 0.0 or query.device.type != "cpu" or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    q_length, kv_length = query.shape[2], key.shape[2]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        mask = attention_mask[:, :, :, :kv_length]
+        if mask.dtype == torch.bool:  # True = attend; a large negative, not -inf, keeps empty rows finite
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+    elif (is_causal if is_causal is not None else getattr(module, "is_causal", True)) and q_length > 1:
+        causal = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - q_length)
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(_Dropout.apply(probs, dropout), value)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def use_fast_attention_dropout(model: nn.Module) -> bool:
+    """Switch a model that uses SDPA attention to `sdpa_fast_dropout`; returns whether it did."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return False
+    ALL_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_fast_dropout)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(ATTENTION)
+    return True
+
+
 def use_fast_dropout(model: nn.Module) -> int:
     """Swap every plain `nn.Dropout` with p > 0 for a `FastDropout`; returns how many."""
     swapped = 0
@@ -91,3 +139,66 @@ def store_frozen_weights(model: nn.Module, dtype: torch.dtype) -> int:
             module.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
         changed += 1
     return changed
+
+
+# ---------------------------------------------------------------- LM head + cross-entropy in chunks
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype a Linear on `t` would run in here: the autocast dtype when autocast is on."""
+    if torch.is_autocast_enabled(t.device.type):
+        return torch.get_autocast_dtype(t.device.type)
+    return t.dtype
+
+
+class _HeadCrossEntropy(torch.autograd.Function):
+    """sum_i CE(hidden_i · Wᵀ + b, target_i), computed `chunk` rows at a time.
+
+    Only the (chunk × vocabulary) logits of one chunk exist at any time: forward keeps each row's
+    log-sum-exp, and backward recomputes the chunk's logits to form softmax - onehot. That costs
+    one more head matmul and saves the (rows × vocabulary) fp32 logits, their softmax and their
+    gradient (about 1 GB for SmolLM2's 49k vocabulary at 8 × 256 tokens).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
+        w = weight.to(dtype)
+        b = None if bias is None else bias.to(dtype)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk].to(dtype)
+            logits = F.linear(h, w, b).float()
+            lse[start:start + chunk] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, targets[start:start + chunk, None]).squeeze(1)
+            total += (lse[start:start + chunk] - picked).sum()
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk, ctx.dtype = chunk, dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        w = weight.to(ctx.dtype)
+        b = None if bias is None else bias.to(ctx.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            h = hidden[start:start + ctx.chunk].to(ctx.dtype)
+            probs = (F.linear(h, w, b).float() - lse[start:start + ctx.chunk, None]).exp_()
+            rows = torch.arange(probs.shape[0], device=probs.device)
+            probs[rows, targets[start:start + ctx.chunk]] -= 1.0
+            probs.mul_(grad_total)
+            grad_hidden[start:start + ctx.chunk] = (probs.to(ctx.dtype) @ w).to(hidden.dtype)
+        return grad_hidden, None, None, None, None, None
+
+
+def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of `head(hidden)` against `targets` (rows of hidden, one target each).
+
+    Equal to `F.cross_entropy(head(hidden).float(), targets, reduction="sum")` (up to float
+    summation order) without materializing all the logits. Falls back to exactly that when the
+    head trains.
+    """
+    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, _compute_dtype(hidden))

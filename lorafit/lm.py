@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
 from lorafit.errors import LorafitError
+from lorafit.fast import head_cross_entropy
 
 IGNORE = -100
 
@@ -152,17 +153,20 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled positions.
 
-    Runs the transformer body, then the LM head only at the positions that have a target, so the
-    (batch × length × vocabulary) logits are never materialized (49k-vocabulary models would
-    spend most of their time and memory there).
+    Runs the transformer body, then the LM head only at the positions that have a target, a chunk
+    of them at a time, so the (batch × length × vocabulary) logits are never materialized
+    (49k-vocabulary models would spend most of their time and memory there).
     """
     body = model.get_submodule(model.base_model_prefix)
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     hidden = body(**kwargs, use_cache=False).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, V), N = labelled positions
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    head = model.get_output_embeddings()
+    rows = hidden[:, :-1][keep]  # (N, H), N = labelled positions
+    if type(head) is torch.nn.Linear:
+        return head_cross_entropy(rows, head, targets[keep])  # logits a chunk of rows at a time
+    return F.cross_entropy(head(rows).float(), targets[keep], reduction="sum")
 
 
 def tokenize_lm(examples: list[dict], tokenizer, max_length: int, fmt: str, use_chat_template: bool = True,

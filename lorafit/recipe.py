@@ -148,7 +148,9 @@ class TrainConfig:
     """torch.compile the model (first steps are slow while it compiles)."""
     log_every: int = field(default=10, metadata=_rule(lambda v: v > 0, "use a positive number of steps"))
     eval_every: int | None = field(default=200, metadata=_rule(lambda v: v > 0, "use a positive number of steps or null"))
-    """Evaluate on the eval split every N optimizer steps (and always at the end)."""
+    """Evaluate every N optimizer steps (and always at the end)."""
+    eval_splits: list[Literal["eval", "test"]] = field(default_factory=lambda: ["eval"])
+    """The splits evaluated every eval_every steps; add test for a test-accuracy curve. The end of training evaluates both."""
     eval_at_start: bool = False
     """Also evaluate (eval and test splits) before the first step: the base model's numbers, logged as step 0."""
     save_every: int | None = field(default=500, metadata=_rule(lambda v: v > 0, "use a positive number of steps or null"))

@@ -33,7 +33,7 @@ from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_orde
                           load_lm_data, steps_per_epoch, tokenize)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
-from lorafit.fast import store_frozen_weights, use_fast_dropout
+from lorafit.fast import store_frozen_weights, use_fast_attention_dropout, use_fast_dropout
 from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, tokenize_lm
 from lorafit.io import write_json
 from lorafit.lora import LoraPlan, add_lora, classification_head
@@ -234,8 +234,10 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, 
     """
     notes = []
     model.to(device)
-    if use_fast_dropout(model) and device.type == "cpu":
-        notes.append("fast dropout")
+    if device.type == "cpu":
+        use_fast_attention_dropout(model)  # SDPA as before, with cheap masks when attention dropout is on
+        if use_fast_dropout(model):
+            notes.append("fast dropout")
     if dtype != torch.float32 and store_frozen_weights(model, dtype):
         notes.append("frozen weights in bf16")
     if recipe.train.gradient_checkpointing:
@@ -459,7 +461,9 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
                     window_start = now
                     window.update(loss=0.0, batches=0, samples=0, tokens=0)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                    run_eval("eval", step)
+                    for split_name in dict.fromkeys(cfg.eval_splits):
+                        if split_name in splits:
+                            run_eval(split_name, step)
                     window_start = time.perf_counter()  # evaluation time is not training throughput
                 if cfg.save_every and step % cfg.save_every == 0:
                     last_checkpoint = checkpoint(step)

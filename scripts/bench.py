@@ -15,6 +15,7 @@ Contenders:
     python scripts/bench.py --task newsgroups --steps 40 --rounds 3
     python scripts/bench.py --task newsgroups --steps 40 --rounds 3 --same-settings
     python scripts/bench.py --task smollm2 --steps 12 --rounds 2
+    python scripts/bench.py --time-to-accuracy            # newsgroups recipe, test accuracy >= 0.70
 """
 
 from __future__ import annotations
@@ -130,6 +131,134 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool) -> d
     return {"tokens_per_s": tokens / seconds, "samples_per_s": batch_size * len(steady) / seconds}
 
 
+# ---------------------------------------------------------------- time to accuracy (newsgroups)
+
+
+def train_seconds_until(lines: list[dict], step: int, batch_size: int) -> float:
+    """Training time up to `step` from metrics.jsonl lines, evaluation excluded: each log line's
+    window lasted (its steps x batch_size) / samples_per_s."""
+    seconds, previous = 0.0, 0
+    for m in lines:
+        if "split" not in m and m["step"] <= step:
+            seconds += (m["step"] - previous) * batch_size / m["samples_per_s"]
+            previous = m["step"]
+    return seconds
+
+
+def worker_tta_lorafit(eval_every: int, target: float) -> dict:
+    """`lorafit train configs/newsgroups.yaml` as a user runs it, plus a test evaluation every `eval_every` steps."""
+    from rich.console import Console
+
+    from lorafit.recipe import load_recipe
+    from lorafit.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(ROOT / "configs/newsgroups.yaml",
+                             [f"train.eval_every={eval_every}", "train.eval_splits=[test]", "train.save_every=null",
+                              f"train.output_dir={tmp}/run"])
+        start = time.perf_counter()
+        train(recipe, console=Console(quiet=True))
+        wall = time.perf_counter() - start
+        lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    curve = [(m["step"], m["accuracy"]) for m in lines if m.get("split") == "test"]
+    curve = sorted(dict(curve).items())  # the final evaluation may repeat the last step
+    batch_size = recipe.train.batch_size
+    hit = next((step for step, acc in curve if acc >= target), None)
+    return {"curve": [(step, acc, train_seconds_until(lines, step, batch_size)) for step, acc in curve],
+            "reached_step": hit, "seconds_to_target": train_seconds_until(lines, hit, batch_size) if hit else None,
+            "wall_s": wall}
+
+
+def worker_tta_peft(eval_every: int, target: float, budget_s: float) -> dict:
+    """PEFT + a plain loop on the newsgroups recipe's job: the same data, LoRA targets, rank, alpha,
+    LoRA dropout, optimizer, schedule, batch size and epochs, with PEFT's defaults for the rest (fp32,
+    random batches padded to their longest, the model's own dropout). Stops at `target` test accuracy
+    or after `budget_s` seconds of training. Test accuracy comes from lorafit's evaluator under bf16
+    autocast for both contenders (evaluation time is not counted)."""
+    import functools
+
+    import torch
+    import torch.nn.functional as F
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    from lorafit.data import batch_order, collate, load_classification_data, steps_per_epoch, tokenize
+    from lorafit.evaluate import evaluate
+    from lorafit.models import load_model, load_tokenizer, resolve_model
+    from lorafit.recipe import load_recipe
+    from lorafit.train import lr_lambda
+
+    recipe = load_recipe(ROOT / "configs/newsgroups.yaml")
+    torch.manual_seed(recipe.seed)
+    data = load_classification_data(recipe.data, recipe.seed)
+    source = resolve_model(recipe.model.name)
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, "sequence-classification", tokenizer, data.labels)
+    model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=recipe.lora.rank,
+                                             lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                                             target_modules=recipe.lora.target_modules))
+    train_split = tokenize(data.train, tokenizer, recipe.data.max_length, cache=True)
+    test_split = tokenize(data.test, tokenizer, recipe.data.max_length, cache=True)
+    cfg = recipe.train
+    total = cfg.epochs * steps_per_epoch(len(train_split), cfg.batch_size, 1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=recipe.optim.lr,
+                                  weight_decay=recipe.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        lr_lambda, warmup_steps=round(recipe.optim.warmup_ratio * total), total_steps=total, kind="linear"))
+    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    curve, seconds, step, hit = [], 0.0, 0, None
+    model.train()
+    for epoch in range(cfg.epochs):
+        for batch_ids in batch_order(train_split.lengths, cfg.batch_size, recipe.seed, epoch, group_by_length=False):
+            start = time.perf_counter()
+            batch = collate(train_split, batch_ids, tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            F.cross_entropy(logits, batch["labels"]).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds += time.perf_counter() - start
+            step += 1
+            if step % eval_every == 0 or step == total or seconds >= budget_s:
+                accuracy = evaluate(model, test_split, 64, tokenizer.pad_token_id, "cpu", bf16)["accuracy"]
+                curve.append((step, accuracy, seconds))
+                print(f"peft step {step}: test accuracy {accuracy:.4f} after {seconds / 60:.1f} min", file=sys.stderr,
+                      flush=True)
+                if accuracy >= target:
+                    hit = step
+                if hit or seconds >= budget_s:
+                    return {"curve": curve, "reached_step": hit, "seconds_to_target": seconds if hit else None}
+    return {"curve": curve, "reached_step": None, "seconds_to_target": None}
+
+
+def time_to_accuracy(args) -> None:
+    common = ["--eval-every", str(args.eval_every), "--target", str(args.target)]
+    if args.peft_budget_minutes:  # only PEFT, against a lorafit time measured before
+        peft = run_worker(["tta-peft", str(60 * args.peft_budget_minutes)], common, show_progress=True)
+        print(json.dumps(peft))
+        return
+    lorafit = run_worker(["tta-lorafit"], common)
+    print(json.dumps(lorafit))
+    for step, acc, seconds in lorafit["curve"]:
+        print(f"lorafit step {step:5d}: test accuracy {acc:.4f} after {seconds / 60:5.1f} min of training", flush=True)
+    if lorafit["seconds_to_target"] is None:
+        print(f"lorafit did not reach {args.target}; no comparison", flush=True)
+        return
+    lf = lorafit["seconds_to_target"]
+    print(f"lorafit reached {args.target} at step {lorafit['reached_step']} after {lf / 60:.1f} min of training "
+          f"({lorafit['wall_s'] / 60:.1f} min wall for the whole recipe, evaluations included)", flush=True)
+    budget = args.budget_factor * lf
+    peft = run_worker(["tta-peft", str(budget)], common, show_progress=True)
+    for step, acc, seconds in peft["curve"]:
+        print(f"peft    step {step:5d}: test accuracy {acc:.4f} after {seconds / 60:5.1f} min of training")
+    if peft["seconds_to_target"] is None:
+        print(f"PEFT did not reach {args.target} within {budget / 60:.1f} min ({args.budget_factor:g}x lorafit's "
+              f"time): lorafit's time to {args.target} is below 1/{args.budget_factor:g} of PEFT's")
+    else:
+        print(f"PEFT reached {args.target} after {peft['seconds_to_target'] / 60:.1f} min: "
+              f"lorafit / PEFT time = {lf / peft['seconds_to_target']:.2f}")
+
+
 def worker_peak(dtype: str) -> dict:
     """Matmul peak of this machine in `dtype`: the best of a few large square matmuls."""
     import torch
@@ -148,12 +277,13 @@ def worker_peak(dtype: str) -> dict:
 # ---------------------------------------------------------------- driver
 
 
-def run_worker(worker: list[str], common: list[str]) -> dict:
+def run_worker(worker: list[str], common: list[str], show_progress: bool = False) -> dict:
     """Run one measurement in a fresh process; its last stdout line is the JSON result."""
-    out = subprocess.run([sys.executable, __file__, *common, "--worker", *worker], capture_output=True, text=True,
-                         cwd=ROOT, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    out = subprocess.run([sys.executable, __file__, *common, "--worker", *worker], stdout=subprocess.PIPE,
+                         stderr=None if show_progress else subprocess.PIPE, text=True, cwd=ROOT,
+                         env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if out.returncode != 0:
-        raise SystemExit(f"worker {worker} failed:\n{out.stderr[-3000:]}")
+        raise SystemExit(f"worker {worker} failed:\n{(out.stderr or '')[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -180,6 +310,14 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--same-settings", action="store_true")
+    parser.add_argument("--time-to-accuracy", action="store_true",
+                        help="newsgroups recipe: training time until test accuracy >= --target, lorafit vs PEFT")
+    parser.add_argument("--target", type=float, default=0.70)
+    parser.add_argument("--peft-budget-minutes", type=float,
+                        help="run only the PEFT side, for at most this many minutes of training")
+    parser.add_argument("--eval-every", type=int, default=224, help="steps between test evaluations")
+    parser.add_argument("--budget-factor", type=float, default=3.0,
+                        help="PEFT trains at most this many times lorafit's time to the target")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import transformers
@@ -190,6 +328,10 @@ def main() -> None:
         kind, *rest = args.worker
         if kind == "peak":
             result = worker_peak(rest[0])
+        elif kind == "tta-lorafit":
+            result = worker_tta_lorafit(args.eval_every, args.target)
+        elif kind == "tta-peft":
+            result = worker_tta_peft(args.eval_every, args.target, float(rest[0]))
         elif kind == "lorafit":
             result = worker_lorafit(args.task, args.steps, args.warmup, rest == ["same"])
         else:
@@ -198,6 +340,9 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    if args.time_to_accuracy:
+        time_to_accuracy(args)
+        return
     contenders = {"lorafit": ["lorafit", "same" if args.same_settings else "default"], "peft": ["peft"],
                   "peft-tuned": ["peft-tuned"]}
     results: dict[str, list[dict]] = {k: [] for k in contenders}

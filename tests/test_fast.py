@@ -113,3 +113,71 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and len(plain) > 0
     for name in plain:
         torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_chunked_head_cross_entropy_matches_the_plain_loss(precision):
+    from lorafit.fast import head_cross_entropy
+
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=True).requires_grad_(False)
+    hidden = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    with autocast:
+        plain = torch.nn.functional.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    (plain_grad,) = torch.autograd.grad(plain * 0.5, hidden)
+    with autocast:
+        chunked = head_cross_entropy(hidden, head, targets, chunk=4)  # 3 chunks, the last one short
+    (chunked_grad,) = torch.autograd.grad(chunked * 0.5, hidden)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if precision == "fp32" else {"rtol": 1e-2, "atol": 1e-2}
+    torch.testing.assert_close(chunked, plain, **tol)
+    torch.testing.assert_close(chunked_grad, plain_grad, **tol)
+    if precision == "bf16":  # same logits bits: the loss differs only by summation order
+        torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("masking", ["padding", "causal"])
+def test_attention_dropout_uses_the_recorded_mask(masking, monkeypatch):
+    import lorafit.fast as fast
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 4, requires_grad=True) for _ in range(3))
+    module = nn.Module()
+    module.is_causal = masking == "causal"
+    attend = torch.ones(2, 1, 5, 5, dtype=torch.bool)
+    attend[1, :, :, 3:] = False  # the second sequence has 2 padding positions
+    mask = attend if masking == "padding" else None
+    seen = []
+    real_keep_mask = fast.keep_mask
+    monkeypatch.setattr(fast, "keep_mask", lambda *a: seen.append(real_keep_mask(*a)) or seen[-1])
+    out, _ = fast.sdpa_fast_dropout(module, q, k, v, mask, dropout=0.3, scaling=0.5)
+
+    scores = q @ k.transpose(-1, -2) * 0.5
+    allowed = attend if masking == "padding" else torch.ones(5, 5, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
+    expected = (probs * seen[0] / 0.7) @ v
+    assert len(seen) == 1 and 0 < (~seen[0]).float().mean() < 0.6
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+    out.sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    # Without dropout it is transformers' SDPA itself.
+    plain, _ = fast.sdpa_fast_dropout(module, q, k, v, mask, dropout=0.0, scaling=0.5)
+    torch.testing.assert_close(plain, (probs @ v).transpose(1, 2))
+
+
+def test_fast_attention_dropout_switch_keeps_eval_outputs(tiny_models):
+    from lorafit.fast import use_fast_attention_dropout
+
+    model = load_model(ModelSource("bert", str(tiny_models["bert"])), "sequence-classification", make_tokenizer(),
+                       ["a", "b", "c"]).eval()
+    ids = torch.tensor([[2, 5, 7, 9, 11, 6], [2, 8, 10, 3, 0, 0]])
+    before = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+    assert use_fast_attention_dropout(model)
+    assert torch.equal(model(input_ids=ids, attention_mask=(ids != 0).long()).logits, before)
+    model.train()  # attention dropout 0.1 now goes through the fast path
+    torch.manual_seed(0)
+    a = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+    torch.manual_seed(0)
+    assert torch.equal(a, model(input_ids=ids, attention_mask=(ids != 0).long()).logits)
+    assert not torch.equal(a, before)

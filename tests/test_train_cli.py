@@ -46,3 +46,14 @@ def test_train_writes_run_and_learns(kind, tiny_models, toy_data, tmp_path, run_
     assert config["fan_in_fan_out"] is (kind == "gpt2")
     weights = load_file(out / "adapter" / "adapter_model.safetensors")
     assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def test_eval_splits_give_a_test_curve(tiny_models, toy_data, tmp_path, run_cli):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "toy.yaml", toy_recipe(tiny_models["bert"], toy_data, out,
+                                                             train={"epochs": 2, "eval_every": 5, "save_every": None}))
+    result = run_cli("train", recipe, "--set", "train.eval_splits=[eval,test]")
+    assert result.exit_code == 0, result.output
+    evals = [(m["step"], m["split"]) for m in read_metrics(out) if "split" in m]
+    assert evals == [(5, "eval"), (5, "test"), (10, "eval"), (10, "test"), (15, "eval"), (15, "test"),
+                     (20, "eval"), (20, "test"), (24, "eval"), (24, "test")]
