@@ -3,7 +3,7 @@
 - `FastDropout`: dropout whose mask is cut from 64-bit random words (four 15-bit draws per word)
   instead of `bernoulli_`, about five times cheaper on CPUs, where `nn.Dropout` was a third of a
   MiniLM training step. The drop probability is rounded to a multiple of 2^-15 (0.1 -> 0.100006).
-  The attention-probability dropout gets the same mask through `ATTENTION`, an SDPA attention
+  The attention-probability dropout gets the same masks through `ATTENTION`, an SDPA attention
   that does the dropout itself (torch's SDPA falls back to its slow math path with bernoulli
   masks whenever dropout is on, and has no fast path for it on CPUs).
 - `store_frozen_weights`: frozen Linear weights kept in bf16 once, instead of autocast casting
@@ -27,8 +27,8 @@ MASK_BITS = 15
 MASK_LEVELS = 1 << MASK_BITS
 
 
-def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A bool tensor of `shape`, each element True with probability 1 - round(p·2^15)/2^15.
+def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """A bool tensor of `shape`, each element True (dropped) with probability round(p·2^15)/2^15.
 
     `random_()` on int64 gives 63 uniform bits per word (the top bit is 0); every 16-bit piece
     of a word, less its top bit, is a uniform 15-bit number.
@@ -36,21 +36,21 @@ def keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor
     n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
     draws = words.view(torch.int16)[:n] & (MASK_LEVELS - 1)
-    return (draws >= round(p * MASK_LEVELS)).view(shape)
+    return (draws < round(p * MASK_LEVELS)).view(shape)
 
 
 class _Dropout(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        keep = keep_mask(x.shape, p, x.device)
+        drop = drop_mask(x.shape, p, x.device)
         ctx.scale = 1.0 / (1.0 - p)
-        ctx.save_for_backward(keep)  # one byte per element, not a float mask
-        return x.mul(keep).mul_(ctx.scale)
+        ctx.save_for_backward(drop)  # one byte per element, not a float mask
+        return x.masked_fill(drop, 0).mul_(ctx.scale)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (keep,) = ctx.saved_tensors
-        return grad.mul(keep).mul_(ctx.scale), None
+        (drop,) = ctx.saved_tensors
+        return grad.masked_fill(drop, 0).mul_(ctx.scale), None
 
 
 class FastDropout(nn.Dropout):
@@ -69,7 +69,7 @@ ATTENTION = "lorafit_sdpa"
 
 def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                       is_causal=None, **kwargs):
-    """transformers' SDPA attention, except that attention dropout on a CPU uses `keep_mask`.
+    """transformers' SDPA attention, except that attention dropout on a CPU uses `drop_mask`.
 
     Without dropout (evaluation, or p = 0) this is transformers' SDPA itself, fused kernels and all.
     """
@@ -91,7 +91,8 @@ def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float 
         causal = torch.ones(q_length, kv_length, dtype=torch.bool, device=query.device).tril(kv_length - q_length)
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
-    output = torch.matmul(_Dropout.apply(probs, dropout), value)
+    probs = probs.masked_fill(drop_mask(probs.shape, dropout, probs.device), 0)
+    output = torch.matmul(probs, value) * (1.0 / (1.0 - dropout))  # scaling the output is the cheaper pass
     return output.transpose(1, 2).contiguous(), None
 
 

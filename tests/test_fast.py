@@ -8,20 +8,20 @@ import torch
 from conftest import make_tokenizer, tiny_lm
 from torch import nn
 
-from lorafit.fast import FastDropout, keep_mask, store_frozen_weights, use_fast_dropout
+from lorafit.fast import FastDropout, drop_mask, store_frozen_weights, use_fast_dropout
 from lorafit.lora import add_lora
 from lorafit.models import ModelSource, load_model
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.03])
-def test_keep_mask_drops_at_rate_p(p):
+def test_drop_mask_drops_at_rate_p(p):
     torch.manual_seed(0)
-    keep = keep_mask(torch.Size([1000, 1001]), p, torch.device("cpu"))
-    assert keep.shape == (1000, 1001) and keep.dtype == torch.bool
+    drop = drop_mask(torch.Size([1000, 1001]), p, torch.device("cpu"))
+    assert drop.shape == (1000, 1001) and drop.dtype == torch.bool
     # 1M draws: the standard error of the rate is below 5e-4.
-    assert abs((~keep).float().mean().item() - p) < 2.5e-3
+    assert abs(drop.float().mean().item() - p) < 2.5e-3
     # Rows are not copies of each other (every 15-bit piece is a fresh draw).
-    assert not torch.equal(keep[0], keep[1])
+    assert not torch.equal(drop[0], drop[1])
 
 
 def test_fast_dropout_scales_kept_values_and_gradients():
@@ -149,15 +149,15 @@ def test_attention_dropout_uses_the_recorded_mask(masking, monkeypatch):
     attend[1, :, :, 3:] = False  # the second sequence has 2 padding positions
     mask = attend if masking == "padding" else None
     seen = []
-    real_keep_mask = fast.keep_mask
-    monkeypatch.setattr(fast, "keep_mask", lambda *a: seen.append(real_keep_mask(*a)) or seen[-1])
+    real_drop_mask = fast.drop_mask
+    monkeypatch.setattr(fast, "drop_mask", lambda *a: seen.append(real_drop_mask(*a)) or seen[-1])
     out, _ = fast.sdpa_fast_dropout(module, q, k, v, mask, dropout=0.3, scaling=0.5)
 
     scores = q @ k.transpose(-1, -2) * 0.5
     allowed = attend if masking == "padding" else torch.ones(5, 5, dtype=torch.bool).tril()
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
-    expected = (probs * seen[0] / 0.7) @ v
-    assert len(seen) == 1 and 0 < (~seen[0]).float().mean() < 0.6
+    expected = (probs * ~seen[0] / 0.7) @ v
+    assert len(seen) == 1 and 0 < seen[0].float().mean() < 0.6
     torch.testing.assert_close(out, expected.transpose(1, 2))
     out.sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
