@@ -193,13 +193,13 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_hidden, None, None, None, None, None
 
 
-def head_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` against `targets` (rows of hidden, one target each).
 
     Equal to `F.cross_entropy(head(hidden).float(), targets, reduction="sum")` (up to float
     summation order) without materializing all the logits. Falls back to exactly that when the
-    head trains.
+    head is not a plain frozen Linear (it trains, or carries LoRA).
     """
-    if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+    if type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters()):
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
     return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, _compute_dtype(hidden))

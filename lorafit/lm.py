@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
 from lorafit.errors import LorafitError
@@ -162,11 +161,8 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     hidden = body(**kwargs, use_cache=False).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
-    head = model.get_output_embeddings()
     rows = hidden[:, :-1][keep]  # (N, H), N = labelled positions
-    if type(head) is torch.nn.Linear:
-        return head_cross_entropy(rows, head, targets[keep])  # logits a chunk of rows at a time
-    return F.cross_entropy(head(rows).float(), targets[keep], reduction="sum")
+    return head_cross_entropy(rows, model.get_output_embeddings(), targets[keep])
 
 
 def tokenize_lm(examples: list[dict], tokenizer, max_length: int, fmt: str, use_chat_template: bool = True,

@@ -119,21 +119,20 @@ def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | No
 
     `dropout` replaces every dropout rate of the model (None keeps the checkpoint's own).
     """
-    kwargs = dict(source.kwargs)
-    if dropout is not None:
-        try:
-            config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs)
-        except (OSError, ValueError) as err:
-            raise LorafitError(f"could not load model {source.name}: {str(err).splitlines()[0]}") from None
-        kwargs.update({key: dropout for key in dropout_keys(config)})
+    overrides = {}
     if task == "sequence-classification":
         if not labels:
             raise LorafitError("sequence classification needs at least one label")
-        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                      label2id={name: i for i, name in enumerate(labels)})
-    try:
+        overrides.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                         label2id={name: i for i, name in enumerate(labels)})
+    try:  # the config is read once; its dropout rates are known only after reading it
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs,
+                                            **overrides)
+        if dropout is not None:
+            for key in dropout_keys(config):
+                setattr(config, key, dropout)
         model = TASK_CLASSES[task].from_pretrained(
-            source.path, dtype=torch.float32, trust_remote_code=trust_remote_code, **kwargs
+            source.path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code, **source.kwargs
         )
     except (OSError, ValueError) as err:
         raise LorafitError(f"could not load model {source.name}: {str(err).splitlines()[0]}") from None
