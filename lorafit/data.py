@@ -369,10 +369,20 @@ def eval_order(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def collate(split: TokenizedSplit, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pad the chosen examples to the longest of them: input_ids, attention_mask, labels."""
+def padded_width(lengths, multiple: int = 1, cap: int | None = None) -> int:
+    """The longest of `lengths`, rounded up to a multiple of `multiple` but not past `cap` (the
+    data's max_length, which the model accepts)."""
+    longest = max(lengths)
+    rounded = -(-longest // multiple) * multiple
+    return max(longest, min(rounded, cap)) if cap else rounded
+
+
+def collate(split: TokenizedSplit, indices: list[int], pad_id: int, multiple: int = 1,
+            cap: int | None = None) -> dict[str, torch.Tensor]:
+    """Pad the chosen examples to the longest of them (rounded up to `multiple`, at most `cap`):
+    input_ids, attention_mask, labels."""
     rows = [split.input_ids[i] for i in indices]
-    width = max(len(r) for r in rows)
+    width = padded_width([len(r) for r in rows], multiple, cap)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     for row, ids in enumerate(rows):

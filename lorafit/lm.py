@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
+from lorafit.data import padded_width
 from lorafit.errors import LorafitError
 from lorafit.fast import head_cross_entropy
 
@@ -114,11 +115,13 @@ def pack(split: LMSplit, max_length: int) -> LMSplit:
     return LMSplit(blocks_ids, blocks_labels, segments, split.dropped, split.references)
 
 
-def collate_lm(split: LMSplit, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad input_ids (pad_id) and labels (-100). Packed blocks get position ids that restart at
-    each example and a (B, 1, T, T) boolean mask: causal, and only within an example."""
+def collate_lm(split: LMSplit, indices: list[int], pad_id: int, multiple: int = 1,
+               cap: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad input_ids (pad_id) and labels (-100) to the longest row, rounded up to `multiple`
+    (at most `cap`). Packed blocks get position ids that restart at each example and a (B, 1, T, T)
+    boolean mask: causal, and only within an example."""
     rows = [split.input_ids[i] for i in indices]
-    width = max(len(r) for r in rows)
+    width = padded_width([len(r) for r in rows], multiple, cap)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -142,6 +142,9 @@ class TrainConfig:
     """auto: bf16 where the hardware computes it natively (CPUs with AVX512-BF16/AMX, Ampere+ GPUs), else fp32."""
     group_by_length: bool = True
     """Batch examples of similar length together (shuffled, seeded) so less compute goes to padding."""
+    pad_to_multiple_of: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
+    """Round each batch's padded length up to a multiple of this; null: 64 on GPUs (few distinct shapes, so
+    shape-specialized kernels are planned once), 1 on CPUs (no extra padding)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False

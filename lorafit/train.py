@@ -69,6 +69,14 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
+def pad_multiple(cfg, device: torch.device) -> int:
+    """train.pad_to_multiple_of, or its default: 64 on GPUs, where every new batch shape can cost a
+    kernel plan (cuDNN attention builds one per shape), and 1 on CPUs."""
+    if cfg.pad_to_multiple_of:
+        return cfg.pad_to_multiple_of
+    return 64 if device.type == "cuda" else 1
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -350,7 +358,8 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
     stop = stop if stop is not None else {"signal": None}
 
     classify = recipe.model.task == "sequence-classification"
-    collate_batch = collate if classify else collate_lm
+    collate_batch = functools.partial(collate if classify else collate_lm, multiple=pad_multiple(cfg, device),
+                                      cap=recipe.data.max_length)
 
     def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed loss of a batch: over examples (classification) or labelled tokens (causal LM)."""
@@ -410,17 +419,20 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
                 micro = batches[first:first + cfg.grad_accum_steps]
                 progress["batch_index"] = first + len(micro)
                 n_samples = sum(len(b) for b in micro)
-                batches_ = [{k: v.to(device) for k, v in collate_batch(train_split, b, pad_id).items()} for b in micro]
-                # Each micro-batch's summed loss over the targets of the whole step: the step's mean.
-                n_targets = sum(len(b["labels"]) if classify else count_targets(b) for b in batches_)
-                loss_sum, n_tokens = 0.0, 0
-                for batch in batches_:
+                host = [collate_batch(train_split, b, pad_id) for b in micro]
+                # Counted on the host, so that a GPU step waits on the device only once, below.
+                n_targets = sum(len(b["labels"]) if classify else count_targets(b) for b in host)
+                n_tokens = sum(int(b.get("token_mask", b["attention_mask"]).sum()) for b in host)
+                loss_total = torch.zeros((), device=device)
+                for batch in host:
+                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     with autocast():
+                        # Each micro-batch's summed loss over the targets of the whole step: the step's mean.
                         loss = batch_loss(batch) / n_targets
                     loss.backward()
-                    loss_sum += loss.item()
-                    n_tokens += int(batch.get("token_mask", batch["attention_mask"]).sum())
-                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm).item()
+                    loss_total += loss.detach().float()
+                grad_norm_t = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+                loss_sum, grad_norm = torch.stack([loss_total, grad_norm_t.float()]).tolist()
                 if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)
                     if not cfg.skip_nonfinite:

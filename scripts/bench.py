@@ -57,43 +57,58 @@ def texts_and_labels(task: str, n: int, seed: int):
     return [e["text"] for e in data.train], None, None
 
 
-def worker_peft(task: str, steps: int, warmup: int, tuned: bool) -> dict:
+def base_model_name(task: str, model: str | None) -> str:
+    return model or yaml.safe_load((ROOT / TASKS[task][0]).read_text())["model"]["name"]
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def worker_peft(task: str, steps: int, warmup: int, tuned: bool, model_name: str | None) -> dict:
     import torch
     import torch.nn.functional as F
     from peft import LoraConfig, TaskType, get_peft_model
 
     from lorafit.data import batch_order
     from lorafit.models import load_model, load_tokenizer, resolve_model
+    from lorafit.train import pick_device
 
     recipe_path, targets, batch_size, max_length = TASKS[task]
     torch.manual_seed(0)
+    device = pick_device()
     texts, labels, n_labels = texts_and_labels(task, steps * batch_size, seed=42)
-    name = yaml.safe_load((ROOT / recipe_path).read_text())["model"]["name"]
-    source = resolve_model(name)
+    source = resolve_model(base_model_name(task, model_name))
     tokenizer = load_tokenizer(source)
     classify = task == "newsgroups"
     model = load_model(source, "sequence-classification" if classify else "causal-lm", tokenizer,
                        [str(i) for i in range(n_labels)] if classify else None)
     config = LoraConfig(task_type=TaskType.SEQ_CLS if classify else TaskType.CAUSAL_LM, r=8, lora_alpha=16,
                         lora_dropout=0.1 if classify else 0.0, target_modules=targets)
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, config).to(device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
     ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
     if not classify:
         ids = [x + [tokenizer.eos_token_id] for x in ids]
     order = batch_order([len(x) for x in ids], batch_size, 42, 0, group_by_length=tuned)
-    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if tuned else torch.enable_grad
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if tuned else torch.enable_grad
     tokens = samples = 0
     start = None
     for step, batch_ids in enumerate(order[:steps]):
         if step == warmup:
+            synchronize(device)
             start, tokens, samples = time.perf_counter(), 0, 0
         enc = tokenizer.pad({"input_ids": [ids[i] for i in batch_ids]}, return_tensors="pt")
+        tokens += int(enc["attention_mask"].sum())
+        enc = {k: v.to(device) for k, v in enc.items()}
         with autocast():
             if classify:
                 logits = model(**enc).logits
-                loss = F.cross_entropy(logits.float(), torch.tensor([labels[i] for i in batch_ids]))
+                loss = F.cross_entropy(logits.float(), torch.tensor([labels[i] for i in batch_ids], device=device))
             else:
                 target = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
                 loss = model(**enc, labels=target).loss
@@ -101,17 +116,29 @@ def worker_peft(task: str, steps: int, warmup: int, tuned: bool) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        tokens += int(enc["attention_mask"].sum())
         samples += len(batch_ids)
+    synchronize(device)
     seconds = time.perf_counter() - start
-    return {"tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds}
+    return {"tokens_per_s": tokens / seconds, "samples_per_s": samples / seconds, **device_info(device)}
 
 
-def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool) -> dict:
+def device_info(device) -> dict:
+    """Where a worker ran; on a GPU also its peak allocated memory (RSS alone would miss it)."""
+    import torch
+
+    info = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
+    if device.type == "cuda":
+        info["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return info
+
+
+def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool, model_name: str | None) -> dict:
+    import io
+
     from rich.console import Console
 
     from lorafit.recipe import load_recipe
-    from lorafit.train import train
+    from lorafit.train import pick_device, train
 
     recipe_path, targets, batch_size, _ = TASKS[task]
     overrides = [f"train.max_steps={steps}", f"data.max_train_samples={steps * batch_size}",
@@ -120,15 +147,21 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool) -> d
                  "train.save_every=null", "train.eval_at_start=false", "train.log_every=1"]
     if same_settings:
         overrides += ["train.precision=fp32", "train.group_by_length=false", "model.dropout=null"]
+    if model_name:
+        overrides.append(f"model.name={model_name}")
+    log = io.StringIO()
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(ROOT / recipe_path, [*overrides, f"train.output_dir={tmp}/run"])
-        train(recipe, console=Console(quiet=True))
+        train(recipe, console=Console(file=log, width=200))
         lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     steady = [m for m in lines if "split" not in m and m["step"] > warmup]
     # Each line covers one step (log_every=1): its time is samples / (samples/s).
     seconds = sum(batch_size / m["samples_per_s"] for m in steady)
     tokens = sum(m["tokens_per_s"] * batch_size / m["samples_per_s"] for m in steady)
-    return {"tokens_per_s": tokens / seconds, "samples_per_s": batch_size * len(steady) / seconds}
+    # The run's own "device ..., precision ..." line: what lorafit picked with no recipe change.
+    picked = next((line.strip() for line in log.getvalue().splitlines() if line.startswith("device ")), "")
+    return {"tokens_per_s": tokens / seconds, "samples_per_s": batch_size * len(steady) / seconds,
+            "picked": picked, **device_info(pick_device())}
 
 
 # ---------------------------------------------------------------- time to accuracy (newsgroups)
@@ -263,14 +296,20 @@ def worker_peak(dtype: str) -> dict:
     """Matmul peak of this machine in `dtype`: the best of a few large square matmuls."""
     import torch
 
+    from lorafit.train import pick_device
+
+    device = pick_device()
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, dtype=dt, device=device), torch.randn(n, n, dtype=dt, device=device)
     best = 0.0
     for _ in range(6):
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(4):
             torch.matmul(a, b)
-        best = max(best, 4 * 2 * 2048**3 / (time.perf_counter() - start))
+        synchronize(device)
+        best = max(best, 4 * 2 * n**3 / (time.perf_counter() - start))
     return {"flops": best}
 
 
@@ -287,14 +326,13 @@ def run_worker(worker: list[str], common: list[str], show_progress: bool = False
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def matmul_flops_per_token(task: str) -> float:
+def matmul_flops_per_token(task: str, model_name: str | None) -> float:
     """Training matmul FLOPs per (padded) token with frozen base weights: forward 2·P, input
     gradients 2·P (no weight gradients for frozen layers). Attention-score matmuls are left out,
     so the fraction is a lower bound."""
     from lorafit.models import load_model, load_tokenizer, resolve_model
 
-    name = yaml.safe_load((ROOT / TASKS[task][0]).read_text())["model"]["name"]
-    source = resolve_model(name)
+    source = resolve_model(base_model_name(task, model_name))
     model = load_model(source, "sequence-classification" if task == "newsgroups" else "causal-lm",
                        load_tokenizer(source), ["a", "b"] if task == "newsgroups" else None)
     import torch
@@ -318,6 +356,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=224, help="steps between test evaluations")
     parser.add_argument("--budget-factor", type=float, default=3.0,
                         help="PEFT trains at most this many times lorafit's time to the target")
+    parser.add_argument("--model", help="base model (hub name or local directory) instead of the recipe's, for "
+                        "every contender")
+    parser.add_argument("--json", type=Path, help="also write every round's results here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     import transformers
@@ -333,9 +374,9 @@ def main() -> None:
         elif kind == "tta-peft":
             result = worker_tta_peft(args.eval_every, args.target, float(rest[0]))
         elif kind == "lorafit":
-            result = worker_lorafit(args.task, args.steps, args.warmup, rest == ["same"])
+            result = worker_lorafit(args.task, args.steps, args.warmup, rest == ["same"], args.model)
         else:
-            result = worker_peft(args.task, args.steps, args.warmup, tuned=kind == "peft-tuned")
+            result = worker_peft(args.task, args.steps, args.warmup, kind == "peft-tuned", args.model)
         result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))
         return
@@ -347,25 +388,35 @@ def main() -> None:
                   "peft-tuned": ["peft-tuned"]}
     results: dict[str, list[dict]] = {k: [] for k in contenders}
     common = ["--task", args.task, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if args.model:
+        common += ["--model", args.model]
     for round_ in range(args.rounds):
         for name, worker in contenders.items():
             results[name].append(run_worker(worker, common))
             r = results[name][-1]
+            gpu = f" peak GPU memory {r['peak_gpu_mb']:6.0f} MB" if "peak_gpu_mb" in r else ""
             print(f"round {round_ + 1} {name:10s} {r['tokens_per_s']:8.1f} tok/s {r['samples_per_s']:6.2f} samples/s "
-                  f"peak RSS {r['peak_rss_mb']:6.0f} MB", flush=True)
+                  f"peak RSS {r['peak_rss_mb']:6.0f} MB{gpu} on {r['device']}", flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1))
+    if results["lorafit"][0].get("picked"):
+        print(f"lorafit picked, with no recipe change: {results['lorafit'][0]['picked']}")
 
     precision = "fp32" if args.same_settings else "bf16"
     peak = run_worker(["peak", precision], [])["flops"]
     print(f"\n{args.task}, {'--same-settings' if args.same_settings else 'lorafit defaults'}, "
           f"{args.steps} steps ({args.warmup} warm-up), {args.rounds} rounds; medians:")
-    print(f"{'':12s} {'tok/s':>8s} {'samples/s':>10s} {'peak RSS MB':>12s} {'lorafit / this':>15s}")
+    gpu = "peak_gpu_mb" in results["lorafit"][0]
+    print(f"{'':12s} {'tok/s':>8s} {'samples/s':>10s} {'peak RSS MB':>12s}" + (f" {'peak GPU MB':>12s}" if gpu else "")
+          + f" {'lorafit / this':>15s}")
     for name, runs in results.items():
         ratios = [lf["tokens_per_s"] / r["tokens_per_s"] for lf, r in zip(results["lorafit"], runs)]
+        gpu_mb = f" {statistics.median(r['peak_gpu_mb'] for r in runs):12.0f}" if gpu else ""
         print(f"{name:12s} {statistics.median(r['tokens_per_s'] for r in runs):8.1f} "
               f"{statistics.median(r['samples_per_s'] for r in runs):10.2f} "
-              f"{statistics.median(r['peak_rss_mb'] for r in runs):12.0f} {statistics.median(ratios):14.2f}x")
+              f"{statistics.median(r['peak_rss_mb'] for r in runs):12.0f}{gpu_mb} {statistics.median(ratios):14.2f}x")
     # Matmul work actually done covers padding too; lorafit's padding is small with grouped batches.
-    flops_per_token = matmul_flops_per_token(args.task)
+    flops_per_token = matmul_flops_per_token(args.task, args.model)
     achieved = statistics.median(r["tokens_per_s"] for r in results["lorafit"]) * flops_per_token
     print(f"lorafit matmul FLOP/s (non-padding tokens x 4 x linear params): {achieved / 1e9:.1f} GFLOP/s = "
           f"{100 * achieved / peak:.1f}% of this machine's {precision} matmul peak ({peak / 1e9:.1f} GFLOP/s)")

@@ -1,0 +1,58 @@
+"""Batch padding rounded up to a multiple (train.pad_to_multiple_of): more pad tokens, same math."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import lm_tokenizer, make_tokenizer, tiny_config, tiny_lm
+
+from lorafit.data import TextSplit, collate, padded_width, tokenize
+from lorafit.lm import collate_lm, count_targets, lm_loss, pack, tokenize_lm
+from lorafit.recipe import TrainConfig
+from lorafit.train import pad_multiple
+
+
+def test_padded_width_rounds_up_but_never_past_the_cap():
+    assert padded_width([3, 17, 5]) == 17
+    assert padded_width([3, 17, 5], 16) == 32
+    assert padded_width([16], 16) == 16
+    assert padded_width([17], 16, cap=24) == 24  # the model's limit wins over the rounding
+    assert padded_width([30], 16, cap=24) == 30  # never shorter than the longest row
+
+
+def test_default_multiple_is_64_on_gpus_and_1_on_cpus():
+    assert pad_multiple(TrainConfig(), torch.device("cpu")) == 1
+    assert pad_multiple(TrainConfig(), torch.device("cuda")) == 64
+    assert pad_multiple(TrainConfig(pad_to_multiple_of=8), torch.device("cpu")) == 8
+
+
+def test_classification_logits_do_not_change_with_extra_padding():
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config("bert")).eval()
+    texts = ["the cat sat on a mat", "a dog ran", "the dog sat on the cat and the mat"]
+    split = tokenize(TextSplit(texts, [0, 1, 2]), make_tokenizer(), 64)
+    plain, rounded = collate(split, [0, 1, 2], 0), collate(split, [0, 1, 2], 0, multiple=16)
+    assert plain["input_ids"].shape[1] == max(split.lengths) and rounded["input_ids"].shape[1] == 16
+    with torch.no_grad():
+        a = model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits
+        b = model(input_ids=rounded["input_ids"], attention_mask=rounded["attention_mask"]).logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_lm_loss_does_not_change_with_extra_padding(kind, packed):
+    model, tokenizer = tiny_lm(kind), lm_tokenizer()
+    rows = [{"text": "the cat sat on a mat"}, {"text": "a dog ran to the park and the cat sat"}, {"text": "hi"}]
+    split = tokenize_lm(rows, tokenizer, 16, "text")
+    if packed:
+        split = pack(split, 16)
+    indices = list(range(len(split)))
+    plain = collate_lm(split, indices, tokenizer.pad_token_id)
+    rounded = collate_lm(split, indices, tokenizer.pad_token_id, multiple=32)
+    assert rounded["input_ids"].shape[1] == 32 > plain["input_ids"].shape[1]
+    assert count_targets(plain) == count_targets(rounded)
+    with torch.no_grad():
+        assert lm_loss(model, rounded).item() == pytest.approx(lm_loss(model, plain).item(), abs=1e-5)
