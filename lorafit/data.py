@@ -369,6 +369,12 @@ def eval_order(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def default_pad_multiple(device) -> int:
+    """64 on GPUs, where every new batch shape can cost a kernel plan (cuDNN attention builds one
+    per shape; measured in README → Performance → GPU), 1 on CPUs."""
+    return 64 if torch.device(device).type == "cuda" else 1
+
+
 def padded_width(lengths, multiple: int = 1, cap: int | None = None) -> int:
     """The longest of `lengths`, rounded up to a multiple of `multiple` but not past `cap` (the
     data's max_length, which the model accepts)."""

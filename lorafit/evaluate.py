@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from lorafit.data import TokenizedSplit, collate, eval_order
+from lorafit.data import TokenizedSplit, collate, default_pad_multiple, eval_order
 
 
 @dataclass
@@ -65,8 +65,9 @@ def predict(model, split: TokenizedSplit, batch_size: int, pad_id: int, device: 
     n = len(split)
     probs: torch.Tensor | None = None
     total_loss = 0.0
+    multiple, cap = default_pad_multiple(device), max(split.lengths, default=0)
     for indices in eval_order(split.lengths, batch_size):
-        batch = {k: v.to(device) for k, v in collate(split, indices, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(split, indices, pad_id, multiple, cap).items()}
         with autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits.float()
@@ -96,8 +97,9 @@ def evaluate_lm(model, split, batch_size: int, pad_id: int, device: torch.device
     was_training = model.training
     model.eval()
     total_loss, total_targets = 0.0, 0
+    multiple, cap = default_pad_multiple(device), max(split.lengths, default=0)
     for indices in eval_order(split.lengths, batch_size):
-        batch = {k: v.to(device) for k, v in collate_lm(split, indices, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate_lm(split, indices, pad_id, multiple, cap).items()}
         with autocast():
             total_loss += lm_loss(model, batch).item()
         total_targets += count_targets(batch)

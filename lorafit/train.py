@@ -29,8 +29,8 @@ from lorafit import cache
 from lorafit.adapter import AdapterSpec, load_adapter_weights, read_adapter_weights, save_adapter
 from lorafit.checkpoint import (check_resumable, find_checkpoint, load_training_state, prune_checkpoints,
                                 save_checkpoint, set_rng_state)
-from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_order, collate, load_classification_data,
-                          load_lm_data, steps_per_epoch, tokenize)
+from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_order, collate, default_pad_multiple,
+                          load_classification_data, load_lm_data, steps_per_epoch, tokenize)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
 from lorafit.fast import store_frozen_weights, use_fast_attention_dropout, use_fast_dropout
@@ -70,11 +70,8 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
 
 
 def pad_multiple(cfg, device: torch.device) -> int:
-    """train.pad_to_multiple_of, or its default: 64 on GPUs, where every new batch shape can cost a
-    kernel plan (cuDNN attention builds one per shape), and 1 on CPUs."""
-    if cfg.pad_to_multiple_of:
-        return cfg.pad_to_multiple_of
-    return 64 if device.type == "cuda" else 1
+    """train.pad_to_multiple_of, or its default for `device` (64 on GPUs, 1 on CPUs)."""
+    return cfg.pad_to_multiple_of or default_pad_multiple(device)
 
 
 def seed_everything(seed: int) -> None:

@@ -30,7 +30,9 @@ def test_classification_logits_do_not_change_with_extra_padding():
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(tiny_config("bert")).eval()
+    config = tiny_config("bert")
+    config.num_labels = 3
+    model = AutoModelForSequenceClassification.from_config(config).eval()
     texts = ["the cat sat on a mat", "a dog ran", "the dog sat on the cat and the mat"]
     split = tokenize(TextSplit(texts, [0, 1, 2]), make_tokenizer(), 64)
     plain, rounded = collate(split, [0, 1, 2], 0), collate(split, [0, 1, 2], 0, multiple=16)
@@ -56,3 +58,32 @@ def test_lm_loss_does_not_change_with_extra_padding(kind, packed):
     assert count_targets(plain) == count_targets(rounded)
     with torch.no_grad():
         assert lm_loss(model, rounded).item() == pytest.approx(lm_loss(model, plain).item(), abs=1e-5)
+
+
+def test_evaluation_pads_to_the_device_default_and_scores_the_same(monkeypatch):
+    """Evaluation rounds padding like training does (64 on GPUs); forced here on the CPU."""
+    import lorafit.evaluate as evaluate_module
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    config = tiny_config("bert")
+    config.num_labels = 3
+    model = AutoModelForSequenceClassification.from_config(config).eval()
+    texts = ["the cat sat on a mat", "a dog ran", "the dog sat on the cat and the mat", "cat"]
+    split = tokenize(TextSplit(texts, [0, 1, 2, 0]), make_tokenizer(), 64)
+    plain = evaluate_module.predict(model, split, 2, 0)
+    widths = []
+    original = evaluate_module.collate
+
+    def recording_collate(*args, **kwargs):
+        batch = original(*args, **kwargs)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(evaluate_module, "default_pad_multiple", lambda device: 8)
+    monkeypatch.setattr(evaluate_module, "collate", recording_collate)
+    rounded = evaluate_module.predict(model, split, 2, 0)
+    longest = max(split.lengths)
+    assert sorted(split.lengths) == [2, 4, 7, 10]
+    assert widths == [8, longest]  # [2, 4] rounded up to 8; [7, 10] would round to 16 but the longest caps it
+    torch.testing.assert_close(plain.probs, rounded.probs, rtol=1e-5, atol=1e-6)
