@@ -152,6 +152,11 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
     return int((batch["labels"][:, 1:] != IGNORE).sum())
 
 
+def right_padded(mask: torch.Tensor | None) -> bool:
+    """Whether a 2-D attention mask has every row's real tokens first and its padding after."""
+    return mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed next-token cross-entropy over labelled positions.
 
@@ -161,6 +166,11 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """
     body = model.get_submodule(model.base_model_prefix)
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if right_padded(kwargs.get("attention_mask")):
+        # In a causal model a real token never sees the pad tokens that follow it, and its position
+        # is the same either way, so the padding mask changes nothing that the loss reads. Without
+        # it, attention runs its plain causal kernel: no (B, 1, T, T) mask built, saved or applied.
+        del kwargs["attention_mask"]
     hidden = body(**kwargs, use_cache=False).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE

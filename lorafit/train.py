@@ -33,7 +33,7 @@ from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_orde
                           load_classification_data, load_lm_data, steps_per_epoch, tokenize)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
-from lorafit.fast import store_frozen_weights, use_fast_attention_dropout, use_fast_dropout
+from lorafit.fast import store_frozen_weights, use_fast_attention_dropout, use_fast_dropout, use_fused_gated_mlp
 from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, tokenize_lm
 from lorafit.io import write_json
 from lorafit.lora import LoraPlan, add_lora, classification_head
@@ -245,6 +245,8 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, 
             notes.append("fast dropout")
     if dtype != torch.float32 and store_frozen_weights(model, dtype):
         notes.append("frozen weights in bf16")
+    if use_fused_gated_mlp(model):
+        notes.append("fused gated MLP")
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         notes.append("gradient checkpointing")

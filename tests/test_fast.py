@@ -181,3 +181,50 @@ def test_fast_attention_dropout_switch_keeps_eval_outputs(tiny_models):
     torch.manual_seed(0)
     assert torch.equal(a, model(input_ids=ids, attention_mask=(ids != 0).long()).logits)
     assert not torch.equal(a, before)
+
+
+def test_silu_mul_matches_autograd_in_value_and_gradient():
+    from lorafit.fast import silu_mul
+
+    gate = torch.randn(4, 7, 16, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(4, 7, 16, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(silu_mul, (gate, up))
+    out = silu_mul(gate, up)
+    assert torch.equal(out, torch.nn.functional.silu(gate) * up)
+
+
+def test_fused_gated_mlp_gives_the_same_loss_and_gradients_and_saves_less():
+    from lorafit.fast import use_fused_gated_mlp
+
+    def run(fused: bool):
+        model = tiny_lm("llama")
+        add_lora(model, 4, 8, "all-linear")
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(param, std=0.1)
+        patched = use_fused_gated_mlp(model) if fused else 0
+        model.train()
+        ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3], [2, 7, 7, 5, 9, 3, 0, 0]])
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return patched, loss.detach(), sum(saved), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    _, loss, saved, grads = run(False)
+    patched, fused_loss, fused_saved, fused_grads = run(True)
+    assert patched == 2  # one MLP per layer of the tiny Llama
+    assert torch.equal(loss, fused_loss)
+    assert fused_saved < saved
+    for name in grads:
+        torch.testing.assert_close(grads[name], fused_grads[name], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_gated_mlp_leaves_other_mlps_alone():
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import tiny_config
+    from lorafit.fast import use_fused_gated_mlp
+
+    assert use_fused_gated_mlp(tiny_lm("gpt2")) == 0
+    assert use_fused_gated_mlp(AutoModelForSequenceClassification.from_config(tiny_config("bert"))) == 0

@@ -87,3 +87,20 @@ def test_evaluation_pads_to_the_device_default_and_scores_the_same(monkeypatch):
     assert sorted(split.lengths) == [2, 4, 7, 10]
     assert widths == [8, longest]  # [2, 4] rounded up to 8; [7, 10] would round to 16 but the longest caps it
     torch.testing.assert_close(plain.probs, rounded.probs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_right_padded_lm_batches_score_like_each_row_alone(kind):
+    """lm_loss drops the padding mask of right-padded batches; every row must still score as it
+    does with no padding at all."""
+    from lorafit.lm import right_padded
+
+    model, tokenizer = tiny_lm(kind), lm_tokenizer()
+    rows = [{"text": "the cat sat on a mat"}, {"text": "a dog ran to the park and the cat sat"}, {"text": "hi"}]
+    split = tokenize_lm(rows, tokenizer, 16, "text")
+    batch = collate_lm(split, [0, 1, 2], tokenizer.pad_token_id)
+    assert right_padded(batch["attention_mask"]) and not bool(batch["attention_mask"].all())
+    assert not right_padded(batch["attention_mask"].flip(1)) and not right_padded(None)
+    with torch.no_grad():
+        alone = sum(lm_loss(model, collate_lm(split, [i], tokenizer.pad_token_id)).item() for i in range(3))
+        assert lm_loss(model, batch).item() == pytest.approx(alone, abs=1e-5)
