@@ -237,8 +237,12 @@ class _HeadCrossEntropy(torch.autograd.Function):
         return grad_hidden, None, None, None, None, None
 
 
-def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` against `targets` (rows of hidden, one target each).
+
+    `chunk` rows at a time; by default 256 on CPUs, where small chunks stay in cache (measured on
+    SmolLM2, one run each: 256 rows ran 18% faster than 1,024, with 0.4 GB less peak RSS), and 2,048 on GPUs,
+    where each chunk costs kernel launches.
 
     Equal to `F.cross_entropy(head(hidden).float(), targets, reduction="sum")` (up to float
     summation order) without materializing all the logits. Falls back to exactly that when the
@@ -246,4 +250,5 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
     """
     if type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters()):
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    chunk = chunk or (256 if hidden.device.type == "cpu" else 2048)
     return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, _compute_dtype(hidden))
