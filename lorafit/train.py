@@ -7,7 +7,9 @@ function of (seed, epoch), so resuming later only needs the step counter.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import gc
 import json
 import math
 import random
@@ -67,6 +69,16 @@ def autocast_for(device: torch.device, dtype: torch.dtype):
     if dtype == torch.float32:
         return nullcontext
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def release_free_memory() -> None:
+    """Hand memory freed while loading (dequantized or fp32 copies of the weights, raw texts) back
+    to the OS before training, so that it does not sit in the heap under the training peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc only
+    except (OSError, AttributeError):
+        pass
 
 
 def pad_multiple(cfg, device: torch.device) -> int:
@@ -295,6 +307,7 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     splits = tokenize_splits(recipe, s, console)
     autocast = autocast_for(device, dtype)
     notes = prepare_model(s.model, recipe, device, dtype)
+    release_free_memory()
     console.print(f"[bold]device[/] {device.type}, precision {'bf16' if dtype == torch.bfloat16 else 'fp32'}"
                   f"{'; ' + ', '.join(notes) if notes else ''}; "
                   f"{len(splits['train'])} train / {len(splits['eval'])} eval examples")
