@@ -42,6 +42,7 @@ from lorafit.lora import LoraPlan, add_lora, classification_head
 from lorafit.models import load_model, load_tokenizer, model_max_length, resolve_model
 from lorafit.recipe import Recipe, dump_recipe
 from lorafit.report import plot_training, with_tensorboard
+from lorafit.unpad import use_unpadded_encoder
 
 
 # ---------------------------------------------------------------- hardware
@@ -255,6 +256,8 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, 
         use_fast_attention_dropout(model)  # SDPA as before, with cheap masks when attention dropout is on
         if use_fast_dropout(model):
             notes.append("fast dropout")
+        if not recipe.train.gradient_checkpointing and use_unpadded_encoder(model):
+            notes.append("unpadded encoder")
     if dtype != torch.float32 and store_frozen_weights(model, dtype):
         notes.append("frozen weights in bf16")
     if use_fused_gated_mlp(model):
