@@ -8,9 +8,11 @@ rank-limited `scaling · B @ A`. `scaling` is alpha/rank, or alpha/sqrt(rank) wi
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -61,7 +63,66 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        return y + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+        copy = shared_autocast_copy(x) if isinstance(self.dropout, nn.Identity) else None
+        if copy is not None:
+            down = _LoraDown.apply(x, self.lora_A.weight, copy)
+        else:
+            down = self.lora_A(self.dropout(x))
+        return y + self.lora_B(down) * self.scaling
+
+
+class _SharedCopy:
+    """The last autocast copy that `shared_autocast_copy` made, and the tensor it was made from."""
+
+    source: weakref.ref | None = None
+    version = -1
+    copy: torch.Tensor | None = None
+
+
+def shared_autocast_copy(x: torch.Tensor) -> torch.Tensor | None:
+    """`x` in the autocast dtype, made once for all the LoRA layers that read the same tensor
+    (q, k and v; gate and up), or None when autocast would not cast it (or no gradient is needed).
+
+    Under autocast each layer would cast `x` itself, and each LoRA branch would keep its own copy
+    for the backward; with the copy shared they keep one.
+    """
+    device = x.device.type
+    if not (torch.is_grad_enabled() and torch.is_autocast_enabled(device) and x.is_floating_point()):
+        return None
+    dtype = torch.get_autocast_dtype(device)
+    if x.dtype == dtype:
+        return None
+    if _SharedCopy.source is not None and _SharedCopy.source() is x and _SharedCopy.version == x._version:
+        return _SharedCopy.copy
+    with torch.no_grad():
+        copy = x.to(dtype)
+    _SharedCopy.source, _SharedCopy.version, _SharedCopy.copy = weakref.ref(x), x._version, copy
+    return copy
+
+
+class _LoraDown(torch.autograd.Function):
+    """`lora_A(x)` under autocast, computed from `copy` (x already cast, shared between layers).
+
+    The same operations autocast runs: a bf16 matmul forward; backward, the bf16 input gradient
+    cast to x's dtype and the bf16 weight gradient cast to the weight's dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(copy, weight)
+        ctx.x_dtype = x.dtype
+        return F.linear(copy, weight.to(copy.dtype))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        copy, weight = ctx.saved_tensors
+        w = weight.to(copy.dtype)
+        grad = grad.to(copy.dtype)
+        grad_x = (grad @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad.reshape(-1, grad.shape[-1]).T @ copy.reshape(-1, copy.shape[-1])).to(weight.dtype)
+        return grad_x, grad_w, None
 
 
 @dataclass

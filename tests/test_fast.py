@@ -228,3 +228,45 @@ def test_fused_gated_mlp_leaves_other_mlps_alone():
 
     assert use_fused_gated_mlp(tiny_lm("gpt2")) == 0
     assert use_fused_gated_mlp(AutoModelForSequenceClassification.from_config(tiny_config("bert"))) == 0
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_lora_layers_reading_one_input_share_its_autocast_copy(kind):
+    """Under bf16 autocast, LoRA layers without dropout that read the same tensor (q and v) keep
+    one bf16 copy of it for the backward, and compute exactly what they computed before."""
+    import lorafit.lora as lora_module
+
+    def run(shared: bool):
+        model = tiny_lm(kind)
+        add_lora(model, 4, 8, "all-linear")
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(param, std=0.1)
+        model.train()
+        ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3], [2, 7, 7, 5, 9, 3, 6, 6]])
+        saved = []
+        original = lora_module.shared_autocast_copy
+        if not shared:
+            lora_module.shared_autocast_copy = lambda x: None
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, labels=ids).loss
+        finally:
+            lora_module.shared_autocast_copy = original
+        loss.backward()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+        activations = sum(n for ptr, n in storages.items() if ptr not in params)
+        return loss.detach(), activations, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    loss, saved, grads = run(False)
+    shared_loss, shared_saved, shared_grads = run(True)
+    assert torch.equal(loss, shared_loss)
+    if kind == "llama":  # q/k/v and gate/up read one tensor each; GPT-2 has one fused c_attn
+        assert shared_saved < saved
+    else:
+        assert shared_saved <= saved
+    assert grads.keys() == shared_grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(shared_grads[name], grads[name], rtol=0, atol=0)
