@@ -189,7 +189,7 @@ def use_fused_gated_mlp(model: nn.Module) -> int:
 # ---------------------------------------------------------------- LM head + cross-entropy in chunks
 
 
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
     """The dtype a Linear on `t` would run in here: the autocast dtype when autocast is on."""
     if torch.is_autocast_enabled(t.device.type):
         return torch.get_autocast_dtype(t.device.type)
@@ -251,4 +251,4 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
     if type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters()):
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
     chunk = chunk or (256 if hidden.device.type == "cpu" else 2048)
-    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, _compute_dtype(hidden))
+    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, compute_dtype(hidden))

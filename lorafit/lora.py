@@ -17,6 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorafit.errors import LorafitError
+from lorafit.fast import compute_dtype
 
 # Output heads that "all-linear" never adapts, and that a classification model trains in full.
 HEAD_NAMES = ("lm_head", "classifier", "score")
@@ -86,11 +87,8 @@ def shared_autocast_copy(x: torch.Tensor) -> torch.Tensor | None:
     Under autocast each layer would cast `x` itself, and each LoRA branch would keep its own copy
     for the backward; with the copy shared they keep one.
     """
-    device = x.device.type
-    if not (torch.is_grad_enabled() and torch.is_autocast_enabled(device) and x.is_floating_point()):
-        return None
-    dtype = torch.get_autocast_dtype(device)
-    if x.dtype == dtype:
+    dtype = compute_dtype(x)
+    if not (torch.is_grad_enabled() and x.is_floating_point()) or dtype == x.dtype:
         return None
     if _SharedCopy.source is not None and _SharedCopy.source() is x and _SharedCopy.version == x._version:
         return _SharedCopy.copy

@@ -73,13 +73,22 @@ def _unpadded_layer(layer: nn.Module, h: torch.Tensor, lengths: list[int], atten
     return layer.output(layer.intermediate(attended), attended)
 
 
+def _token_mask(attention_mask: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """Which (batch, position) entries are real tokens, read off the encoder's (B, 1, T, T) boolean
+    mask: in a bidirectional mask every query row is the key padding mask. None when the model
+    passed no mask (no padding) or a mask of another kind."""
+    if (attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+            or attention_mask.shape[0] != shape[0] or attention_mask.shape[-1] != shape[1]):
+        return None
+    return attention_mask[:, 0, 0, :]
+
+
 def _encoder_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      *args, **kwargs):
-    keep = self._lorafit_token_mask
-    self._lorafit_token_mask = None
+    keep = _token_mask(attention_mask, hidden_states.shape[:2])
     attention = _attention_function(self.layer[0].attention.self)
     if (keep is None or args or kwargs.get("encoder_hidden_states") is not None or attention is None
-            or keep.shape != hidden_states.shape[:2] or keep.float().mean() > 1 - MIN_PADDING):
+            or keep.float().mean() > 1 - MIN_PADDING):
         return self._lorafit_padded_forward(hidden_states, attention_mask, *args, **kwargs)
     batch, length, width = hidden_states.shape
     index = keep.reshape(-1).nonzero().squeeze(1)  # row-major: example 0's tokens, then example 1's, ...
@@ -89,13 +98,6 @@ def _encoder_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Te
         h = _unpadded_layer(layer, h, lengths, attention)
     out = h.new_zeros(batch * length, h.shape[-1]).index_copy(0, index, h).view(batch, length, -1)
     return BaseModelOutputWithPastAndCrossAttentions(last_hidden_state=out)
-
-
-def _remember_mask(module: nn.Module, args, kwargs) -> None:
-    mask = kwargs.get("attention_mask")
-    if mask is None and len(args) > 1:
-        mask = args[1]
-    module.encoder._lorafit_token_mask = mask.bool() if mask is not None and mask.dim() == 2 else None
 
 
 def use_unpadded_encoder(model: nn.Module) -> bool:
@@ -109,9 +111,7 @@ def use_unpadded_encoder(model: nn.Module) -> bool:
                 and _attention_function(layers[0].attention.self) is not None
                 and not getattr(module, "is_gradient_checkpointing", False)
                 and not getattr(module.config, "is_decoder", False)):
-            encoder._lorafit_token_mask = None
             encoder._lorafit_padded_forward = encoder.forward
             encoder.forward = types.MethodType(_encoder_forward, encoder)
-            module.register_forward_pre_hook(_remember_mask, with_kwargs=True)
             return True
     return False

@@ -218,7 +218,7 @@ def worker_tta_peft(eval_every: int, target: float, budget_s: float) -> dict:
     from lorafit.evaluate import evaluate
     from lorafit.models import load_model, load_tokenizer, resolve_model
     from lorafit.recipe import load_recipe
-    from lorafit.train import lr_lambda
+    from lorafit.train import autocast_for, lr_lambda
 
     recipe = load_recipe(ROOT / "configs/newsgroups.yaml")
     torch.manual_seed(recipe.seed)
@@ -237,7 +237,7 @@ def worker_tta_peft(eval_every: int, target: float, budget_s: float) -> dict:
                                   weight_decay=recipe.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
         lr_lambda, warmup_steps=round(recipe.optim.warmup_ratio * total), total_steps=total, kind="linear"))
-    bf16 = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16)
+    bf16 = autocast_for(torch.device("cpu"), torch.bfloat16)
     curve, seconds, step, hit = [], 0.0, 0, None
     model.train()
     for epoch in range(cfg.epochs):
