@@ -1,4 +1,6 @@
-"""Speed-ups for training on top of a loaded model; each one keeps the model's math as it was.
+"""Speed-ups for training on top of a loaded model. Each keeps the model's forward math as it was;
+the backwards are exact too, except the fused RMSNorm's, which works at the bf16 precision of the
+output it keeps (tested against autograd).
 
 - `FastDropout`: dropout whose mask is cut from 64-bit random words (four 15-bit draws per word)
   instead of `bernoulli_`, about five times cheaper on CPUs, where `nn.Dropout` was a third of a
@@ -10,6 +12,8 @@
   them again at every step; results are bit-identical under bf16 autocast.
 - `head_cross_entropy`: the LM head and its loss a chunk of rows at a time.
 - `use_fused_gated_mlp`: Llama-style MLPs keep two activations for the backward instead of three.
+- `use_fused_rms_norm`: under autocast, Llama-style RMSNorms hand their Linears the autocast copy
+  of their output and keep only that for the backward, not their fp32 input.
 """
 
 from __future__ import annotations
@@ -182,6 +186,85 @@ def use_fused_gated_mlp(model: nn.Module) -> int:
                 and all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
                 and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")):
             module.forward = _gated_mlp_forward.__get__(module)
+            patched += 1
+    return patched
+
+
+# ---------------------------------------------------------------- RMSNorm into the autocast dtype
+
+
+class _RMSNorm(torch.autograd.Function):
+    """`weight * (x / rms(x))` as Llama's RMSNorm computes it, returned in `dtype`, the autocast
+    dtype of the Linears it feeds (the same bits their autocast cast would make).
+
+    Autograd would keep the fp32 input (the residual stream) for the backward; this keeps the bf16
+    output, which the LoRA layers reading it keep anyway, and 1/rms per row. The backward recovers
+    x / rms(x) as output / weight, so it works at the precision of that bf16 output, as the Linears'
+    own backward does. Needs a frozen weight with no zeros (checked when patching).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+        xf = x.to(torch.float32)
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        y = (weight * (xf * rstd).to(x.dtype)).to(dtype)
+        ctx.save_for_backward(y, rstd, weight)
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        y, rstd, weight = ctx.saved_tensors
+        w = weight.to(torch.float32)
+        normed = y.to(torch.float32).div_(w)
+        grad_normed = grad.to(torch.float32).mul_(w)
+        dot = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = grad_normed.sub_(normed.mul_(dot)).mul_(rstd)
+        return grad_x.to(ctx.x_dtype), None, None, None
+
+
+def _fused_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
+    dtype = compute_dtype(x)
+    if x.dtype == torch.float32 and dtype != torch.float32 and torch.is_grad_enabled():
+        return _RMSNorm.apply(x, self.weight, self.variance_epsilon, dtype)
+    return type(self).forward(self, x)  # evaluation, fp32 training: the model's own
+
+
+# Decoder layers whose two RMSNorms feed only Linears: input_layernorm -> q/k/v projections,
+# post_attention_layernorm -> the MLP's gate/up projections (other families put norms elsewhere).
+LLAMA_STYLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
+
+
+def _same_rms_norm(norm: nn.Module) -> bool:
+    """Whether `_RMSNorm` can stand in for `norm`: a frozen fp32 weight with no zeros, an epsilon,
+    and the same bf16 output as the module's own forward on a random input."""
+    weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
+    if (not isinstance(weight, torch.Tensor) or weight.requires_grad or weight.dtype != torch.float32
+            or weight.dim() != 1 or not isinstance(eps, float) or bool((weight == 0).any())):
+        return False
+    x = 3 * torch.randn(2, 5, weight.shape[0], device=weight.device)
+    with torch.no_grad():
+        expected = norm(x).to(torch.bfloat16)
+        got = _RMSNorm.apply(x, weight, eps, torch.bfloat16)
+    return torch.equal(expected, got)
+
+
+def use_fused_rms_norm(model: nn.Module) -> int:
+    """Give the RMSNorms of Llama-style decoder layers, and the final norm before the head, the
+    `_RMSNorm` forward for training under autocast; returns how many. Evaluation and fp32 training
+    run the model's own forward."""
+    norms = []
+    for module in model.modules():
+        if type(module).__name__ in LLAMA_STYLE_LAYERS:
+            norms += [module.input_layernorm, module.post_attention_layernorm]
+        elif type(module).__name__.endswith(("ForCausalLM", "ForSequenceClassification")):
+            base = getattr(module, "model", None)
+            if type(base).__name__.replace("Model", "DecoderLayer") in LLAMA_STYLE_LAYERS:
+                norms.append(base.norm)  # the final norm, read only by the head
+    patched = 0
+    for norm in norms:
+        if _same_rms_norm(norm):
+            norm.forward = _fused_rms_norm_forward.__get__(norm)
             patched += 1
     return patched
 

@@ -35,7 +35,8 @@ from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_orde
                           load_classification_data, load_lm_data, steps_per_epoch, tokenize)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
-from lorafit.fast import store_frozen_weights, use_fast_attention_dropout, use_fast_dropout, use_fused_gated_mlp
+from lorafit.fast import (store_frozen_weights, use_fast_attention_dropout, use_fast_dropout, use_fused_gated_mlp,
+                          use_fused_rms_norm)
 from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, tokenize_lm
 from lorafit.io import write_json
 from lorafit.lora import LoraPlan, add_lora, classification_head
@@ -246,9 +247,10 @@ def tokenize_splits(recipe: Recipe, s: Setup, console: Console) -> dict[str, Tok
 def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, dtype: torch.dtype) -> list[str]:
     """Move the model to `device` and switch on the speed-ups; returns what was done, for the log.
 
-    None of them changes the model's math: cheaper dropout masks, frozen weights stored in the
-    autocast dtype (the same bits autocast would make at every step), and the recipe's optional
-    gradient checkpointing and torch.compile.
+    None of them changes the model's forward math: cheaper dropout masks, frozen weights stored in
+    the autocast dtype (the same bits autocast would make at every step), the fused gated MLP and
+    RMSNorm (whose backward works at bf16 precision), and the recipe's optional gradient
+    checkpointing and torch.compile.
     """
     notes = []
     model.to(device)
@@ -262,6 +264,8 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, 
         notes.append("frozen weights in bf16")
     if use_fused_gated_mlp(model):
         notes.append("fused gated MLP")
+    if dtype != torch.float32 and use_fused_rms_norm(model):
+        notes.append("fused RMSNorm")
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         notes.append("gradient checkpointing")

@@ -270,3 +270,81 @@ def test_lora_layers_reading_one_input_share_its_autocast_copy(kind):
     assert grads.keys() == shared_grads.keys() and len(grads) > 0
     for name in grads:
         torch.testing.assert_close(shared_grads[name], grads[name], rtol=0, atol=0)
+
+
+def test_fused_rms_norm_gives_the_autocast_bits_forward_and_a_close_backward():
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lorafit.fast import _RMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(48, eps=1e-5)
+    nn.init.normal_(norm.weight, 1.0, 0.5)
+    norm.weight.requires_grad_(False)
+    x = (3 * torch.randn(4, 9, 48)).requires_grad_()
+    probe = torch.randn(4, 9, 48)
+    # Reference: the module's own forward, cast to bf16 as a Linear under autocast would.
+    expected = norm(x).to(torch.bfloat16)
+    (expected.float() * probe).sum().backward()
+    expected_grad, x.grad = x.grad, None
+    got = _RMSNorm.apply(x, norm.weight, norm.variance_epsilon, torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, expected)
+    (got.float() * probe).sum().backward()
+    # The backward sees x/rms(x) through the bf16 output: within bf16 precision of the exact gradient.
+    torch.testing.assert_close(x.grad, expected_grad, rtol=2e-2, atol=2e-2 * expected_grad.abs().max().item())
+    assert not torch.equal(x.grad, torch.zeros_like(x.grad))
+
+
+def test_fused_rms_norm_in_a_model_keeps_the_loss_and_saves_less():
+    from lorafit.fast import use_fused_rms_norm
+
+    def run(fused: bool):
+        model = tiny_lm("llama")
+        add_lora(model, 4, 8, "all-linear")
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(param, std=0.1)
+        for module in model.modules():
+            if type(module).__name__ == "LlamaRMSNorm":
+                nn.init.normal_(module.weight, 1.0, 0.3)  # not all ones, so a mix-up would show
+        store_frozen_weights(model, torch.bfloat16)
+        patched = use_fused_rms_norm(model) if fused else 0
+        model.train()
+        ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3], [2, 7, 7, 5, 9, 3, 0, 0]])
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # evaluation: the model's own norm
+            eval_logits = model(input_ids=ids).logits
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return patched, loss.detach(), sum(saved), grads, eval_logits
+
+    _, loss, saved, grads, logits = run(False)
+    patched, fused_loss, fused_saved, fused_grads, fused_logits = run(True)
+    assert patched == 2 * 2 + 1  # two per layer, and the final norm
+    assert torch.equal(loss, fused_loss)  # the Linears get the same bf16 inputs
+    assert torch.equal(logits, fused_logits)
+    assert fused_saved < saved
+    for name in grads:
+        scale = grads[name].abs().max().item()
+        torch.testing.assert_close(fused_grads[name], grads[name], rtol=3e-2, atol=3e-2 * scale)
+
+
+def test_fused_rms_norm_leaves_other_models_and_zero_weights_alone():
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import tiny_config
+    from lorafit.fast import use_fused_rms_norm
+
+    assert use_fused_rms_norm(tiny_lm("gpt2")) == 0
+    assert use_fused_rms_norm(AutoModelForSequenceClassification.from_config(tiny_config("bert"))) == 0
+    model = tiny_lm("llama")
+    model.requires_grad_(False)
+    with torch.no_grad():
+        model.model.layers[0].input_layernorm.weight[3] = 0.0  # the backward divides by the weight
+    assert use_fused_rms_norm(model) == 2 * 2
+    model = tiny_lm("llama")  # weights that train keep the model's own norm
+    assert use_fused_rms_norm(model) == 0
