@@ -10,7 +10,8 @@ output it keeps (tested against autograd).
   masks whenever dropout is on, and has no fast path for it on CPUs).
 - `store_frozen_weights`: frozen Linear weights kept in bf16 once, instead of autocast casting
   them again at every step; results are bit-identical under bf16 autocast.
-- `head_cross_entropy`: the LM head and its loss a chunk of rows at a time.
+- `head_cross_entropy`: the LM head and its loss a chunk of rows at a time, its gradient formed
+  in the forward.
 - `use_fused_gated_mlp`: Llama-style MLPs keep two activations for the backward instead of three.
 - `use_fused_rms_norm`: under autocast, Llama-style RMSNorms hand their Linears the autocast copy
   of their output and keep only that for the backward, not their fp32 input.
@@ -280,44 +281,38 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 class _HeadCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i · Wᵀ + b, target_i), computed `chunk` rows at a time.
+    """sum_i CE(hidden_i · Wᵀ + b, target_i), computed `chunk` rows at a time, for a frozen head.
 
-    Only the (chunk × vocabulary) logits of one chunk exist at any time: forward keeps each row's
-    log-sum-exp, and backward recomputes the chunk's logits to form softmax - onehot. That costs
-    one more head matmul and saves the (rows × vocabulary) fp32 logits, their softmax and their
-    gradient (about 1 GB for SmolLM2's 49k vocabulary at 8 × 256 tokens).
+    Only the (chunk × vocabulary) logits of one chunk exist at any time. The loss is a sum of
+    per-row terms, so its gradient with respect to `hidden` is known once each chunk's softmax is:
+    the forward forms (softmax - onehot) · W for the chunk right away and keeps only that (rows ×
+    hidden), and the backward scales it by the incoming gradient. No logits are kept or recomputed:
+    three head matmuls per chunk become two, and the (rows × vocabulary) fp32 logits, their softmax
+    and their gradient (about 1 GB for SmolLM2's 49k vocabulary at 8 × 256 tokens) never exist.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype, with_grad: bool):
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
-        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden) if with_grad else None
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk].to(dtype)
-            logits = F.linear(h, w, b).float()
-            lse[start:start + chunk] = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, targets[start:start + chunk, None]).squeeze(1)
-            total += (lse[start:start + chunk] - picked).sum()
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk, ctx.dtype = chunk, dtype
+            logits = F.linear(hidden[start:start + chunk].to(dtype), w, b).float()
+            rows_targets = targets[start:start + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, rows_targets[:, None]).squeeze(1)).sum()
+            if with_grad:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                probs[torch.arange(probs.shape[0], device=probs.device), rows_targets] -= 1.0
+                grad_hidden[start:start + chunk] = (probs.to(dtype) @ w).to(hidden.dtype)
+        ctx.save_for_backward(grad_hidden)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
-        w = weight.to(ctx.dtype)
-        b = None if bias is None else bias.to(ctx.dtype)
-        grad_hidden = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], ctx.chunk):
-            h = hidden[start:start + ctx.chunk].to(ctx.dtype)
-            probs = (F.linear(h, w, b).float() - lse[start:start + ctx.chunk, None]).exp_()
-            rows = torch.arange(probs.shape[0], device=probs.device)
-            probs[rows, targets[start:start + ctx.chunk]] -= 1.0
-            probs.mul_(grad_total)
-            grad_hidden[start:start + ctx.chunk] = (probs.to(ctx.dtype) @ w).to(hidden.dtype)
-        return grad_hidden, None, None, None, None, None
+        (grad_hidden,) = ctx.saved_tensors
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None, None
 
 
 def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
@@ -334,4 +329,5 @@ def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Ten
     if type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters()):
         return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
     chunk = chunk or (256 if hidden.device.type == "cpu" else 2048)
-    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, compute_dtype(hidden))
+    with_grad = torch.is_grad_enabled() and hidden.requires_grad
+    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, compute_dtype(hidden), with_grad)

@@ -135,6 +135,8 @@ def test_chunked_head_cross_entropy_matches_the_plain_loss(precision):
     torch.testing.assert_close(chunked_grad, plain_grad, **tol)
     if precision == "bf16":  # same logits bits: the loss differs only by summation order
         torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-4)
+    with torch.no_grad(), autocast:  # evaluation: the same loss, no gradient formed
+        torch.testing.assert_close(head_cross_entropy(hidden, head, targets, chunk=4), chunked.detach())
 
 
 @pytest.mark.parametrize("masking", ["padding", "causal"])
