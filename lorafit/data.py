@@ -364,8 +364,11 @@ def batch_order(lengths: list[int], batch_size: int, seed: int, epoch: int, grou
 
 
 def eval_order(lengths: list[int], batch_size: int) -> list[list[int]]:
-    """Evaluation batches sorted by length (least padding); callers restore the original order."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    """Evaluation batches sorted by length (least padding), longest first; callers restore the
+    original order. Longest first, every later batch fits in the memory the first one freed: in
+    ascending order each batch outgrows the last, and the heap grew by 0.9 GB over one newsgroups
+    test pass while live memory stayed flat."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 

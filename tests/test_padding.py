@@ -85,7 +85,7 @@ def test_evaluation_pads_to_the_device_default_and_scores_the_same(monkeypatch):
     rounded = evaluate_module.predict(model, split, 2, 0)
     longest = max(split.lengths)
     assert sorted(split.lengths) == [2, 4, 7, 10]
-    assert widths == [8, longest]  # [2, 4] rounded up to 8; [7, 10] would round to 16 but the longest caps it
+    assert widths == [longest, 8]  # [10, 7] would round to 16 but the longest caps it; [4, 2] rounds up to 8
     torch.testing.assert_close(plain.probs, rounded.probs, rtol=1e-5, atol=1e-6)
 
 
@@ -104,3 +104,14 @@ def test_right_padded_lm_batches_score_like_each_row_alone(kind):
     with torch.no_grad():
         alone = sum(lm_loss(model, collate_lm(split, [i], tokenizer.pad_token_id)).item() for i in range(3))
         assert lm_loss(model, batch).item() == pytest.approx(alone, abs=1e-5)
+
+
+def test_evaluation_batches_go_longest_first_and_cover_every_example_once():
+    from lorafit.data import eval_order
+
+    lengths = [5, 17, 3, 17, 9, 12, 1, 8, 30, 2]
+    batches = eval_order(lengths, 3)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(lengths)))
+    widths = [max(lengths[i] for i in batch) for batch in batches]
+    assert widths == sorted(widths, reverse=True) and widths[0] == 30
+    assert [len(b) for b in batches] == [3, 3, 3, 1]
