@@ -35,8 +35,8 @@ from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_orde
                           load_classification_data, load_lm_data, steps_per_epoch, tokenize)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
-from lorafit.fast import (store_frozen_weights, use_fast_attention_dropout, use_fast_dropout, use_fused_gated_mlp,
-                          use_fused_rms_norm)
+from lorafit.fast import (bound_onednn_caches, store_frozen_weights, use_fast_attention_dropout, use_fast_dropout,
+                          use_fused_gated_mlp, use_fused_rms_norm)
 from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, tokenize_lm
 from lorafit.io import write_json
 from lorafit.lora import LoraPlan, add_lora, classification_head
@@ -290,6 +290,7 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     `resume` is "latest" or a checkpoint directory: training continues exactly where that
     checkpoint left off. `resume_command` is shown when a signal interrupts the run.
     """
+    bound_onednn_caches()
     console = console or Console()
     out = recipe.output_dir
     checkpoint = state = None

@@ -350,3 +350,15 @@ def test_fused_rms_norm_leaves_other_models_and_zero_weights_alone():
     assert use_fused_rms_norm(model) == 2 * 2
     model = tiny_lm("llama")  # weights that train keep the model's own norm
     assert use_fused_rms_norm(model) == 0
+
+
+def test_onednn_caches_are_bounded_unless_the_environment_says_otherwise(monkeypatch):
+    import os
+
+    from lorafit.fast import ONEDNN_CACHE_CAPACITY, bound_onednn_caches
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")  # the user's own setting stays
+    bound_onednn_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == str(ONEDNN_CACHE_CAPACITY)
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
