@@ -95,13 +95,19 @@ def test_model_dropout_override(tiny_models):
     assert torch.equal(off(input_ids=ids).logits, off(input_ids=ids).logits)
 
 
+def tiny_llama_with_lora():
+    """A tiny Llama with rank-4 LoRA on every Linear, B non-zero so that every LoRA weight gets a gradient."""
+    model = tiny_lm("llama")
+    add_lora(model, 4, 8, "all-linear")
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.1)
+    return model
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = tiny_lm("llama")
-        add_lora(model, 4, 8, "all-linear")
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                nn.init.normal_(param, std=0.1)
+        model = tiny_llama_with_lora()
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -199,11 +205,7 @@ def test_fused_gated_mlp_gives_the_same_loss_and_gradients_and_saves_less():
     from lorafit.fast import use_fused_gated_mlp
 
     def run(fused: bool):
-        model = tiny_lm("llama")
-        add_lora(model, 4, 8, "all-linear")
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                nn.init.normal_(param, std=0.1)
+        model = tiny_llama_with_lora()
         patched = use_fused_gated_mlp(model) if fused else 0
         model.train()
         ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3], [2, 7, 7, 5, 9, 3, 0, 0]])
@@ -301,11 +303,7 @@ def test_fused_rms_norm_in_a_model_keeps_the_loss_and_saves_less():
     from lorafit.fast import use_fused_rms_norm
 
     def run(fused: bool):
-        model = tiny_lm("llama")
-        add_lora(model, 4, 8, "all-linear")
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                nn.init.normal_(param, std=0.1)
+        model = tiny_llama_with_lora()
         for module in model.modules():
             if type(module).__name__ == "LlamaRMSNorm":
                 nn.init.normal_(module.weight, 1.0, 0.3)  # not all ones, so a mix-up would show
