@@ -274,13 +274,16 @@ def use_fused_rms_norm(model: nn.Module) -> int:
     """Give the RMSNorms of Llama-style decoder layers, and the final norm before the head, the
     `_RMSNorm` forward for training under autocast; returns how many. Evaluation and fp32 training
     run the model's own forward."""
+    def llama_style(module) -> bool:
+        return type(module).__name__ in LLAMA_STYLE_LAYERS
+
     norms = []
     for module in model.modules():
-        if type(module).__name__ in LLAMA_STYLE_LAYERS:
+        if llama_style(module):
             norms += [module.input_layernorm, module.post_attention_layernorm]
         elif type(module).__name__.endswith(("ForCausalLM", "ForSequenceClassification")):
             base = getattr(module, "model", None)
-            if type(base).__name__.replace("Model", "DecoderLayer") in LLAMA_STYLE_LAYERS:
+            if any(llama_style(layer) for layer in getattr(base, "layers", ())):
                 norms.append(base.norm)  # the final norm, read only by the head
     patched = 0
     for norm in norms:
