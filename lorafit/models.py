@@ -113,12 +113,45 @@ def dropout_keys(config) -> list[str]:
             if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float)]
 
 
+def is_attention_name(name: str) -> bool:
+    """A config key or module name about the attention probabilities (attention_probs_dropout_prob,
+    attention_dropout, attn_pdrop, attn_dropout)."""
+    return "attention" in name or "attn" in name
+
+
+# A module with one of these children computes attention scores; its plain `dropout` acts on them.
+_QUERY_KEY_NAMES = {"query", "key", "q_proj", "k_proj", "q_lin", "k_lin", "c_attn", "qkv", "Wqkv", "query_key_value"}
+
+
+def set_dropout(model: torch.nn.Module, hidden: float | None, attention: float | None) -> None:
+    """Set the rate of every `nn.Dropout` in `model` (rates hard-coded in modules included).
+
+    A dropout is on the attention probabilities when its name says so (GPT-2's attn_dropout) or
+    when it is a plain `dropout` beside query/key projections (BERT's attention.self.dropout);
+    it gets `attention`. Every other one (hidden states, embeddings, classifier) gets `hidden`.
+    None leaves that kind as it is.
+    """
+    for module in model.modules():
+        children = dict(module.named_children())
+        for name, child in children.items():
+            if not isinstance(child, torch.nn.Dropout):
+                continue
+            on_attention = is_attention_name(name) or (name == "dropout" and bool(_QUERY_KEY_NAMES & children.keys()))
+            rate = attention if on_attention else hidden
+            if rate is not None:
+                child.p = rate
+
+
 def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | None = None,
-               trust_remote_code: bool = False, dropout: float | None = None) -> PreTrainedModel:
+               trust_remote_code: bool = False, dropout: float | None = None,
+               attention_dropout: float | None = None) -> PreTrainedModel:
     """Load the base model in fp32 for `task` (classification heads get `labels`).
 
-    `dropout` replaces every dropout rate of the model (None keeps the checkpoint's own).
+    `dropout` replaces every dropout rate of the model (None keeps the checkpoint's own);
+    `attention_dropout`, when given, replaces the rate on the attention probabilities instead.
     """
+    if attention_dropout is None:
+        attention_dropout = dropout
     overrides = {}
     if task == "sequence-classification":
         if not labels:
@@ -128,9 +161,10 @@ def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | No
     try:  # the config is read once; its dropout rates are known only after reading it
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs,
                                             **overrides)
-        if dropout is not None:
-            for key in dropout_keys(config):
-                setattr(config, key, dropout)
+        for key in dropout_keys(config):
+            rate = attention_dropout if is_attention_name(key) else dropout
+            if rate is not None:
+                setattr(config, key, rate)
         model = TASK_CLASSES[task].from_pretrained(
             source.path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code, **source.kwargs
         )
@@ -138,10 +172,7 @@ def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | No
         raise LorafitError(f"could not load model {source.name}: {str(err).splitlines()[0]}") from None
     if "gguf_file" in source.kwargs:
         drop_gguf_quantizer(model)
-    if dropout is not None:  # modules with a hard-coded rate too
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = dropout
+    set_dropout(model, dropout, attention_dropout)  # modules with a hard-coded rate too
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model

@@ -51,6 +51,10 @@ class ModelConfig:
     dropout: float | None = field(default=0.0, metadata=_rule(lambda v: 0 <= v < 1, "use a value in [0, 1), or null"))
     """Dropout inside the frozen base model (hidden, attention, classifier). 0 turns it off (faster; LoRA keeps
     its own lora.dropout); null keeps the checkpoint's own rates."""
+    attention_dropout: float | None = field(default=None,
+                                            metadata=_rule(lambda v: 0 <= v < 1, "use a value in [0, 1), or null"))
+    """Dropout on the attention probabilities alone; null follows model.dropout. 0 here with dropout 0.1 keeps
+    dropout on the hidden states while SDPA runs its fused kernel."""
 
 
 @dataclass

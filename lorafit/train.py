@@ -197,7 +197,7 @@ def setup(recipe: Recipe, console: Console) -> Setup:
     labels = data.labels if classify else None
     tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
     model = load_model(source, recipe.model.task, tokenizer, labels, recipe.model.trust_remote_code,
-                       dropout=recipe.model.dropout)
+                       dropout=recipe.model.dropout, attention_dropout=recipe.model.attention_dropout)
     limit = model_max_length(model)
     if limit and recipe.data.max_length > limit:
         raise LorafitError(f"data.max_length: {recipe.data.max_length} is above the model's limit of {limit} tokens; "

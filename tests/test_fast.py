@@ -95,6 +95,24 @@ def test_model_dropout_override(tiny_models):
     assert torch.equal(off(input_ids=ids).logits, off(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("arch", ["bert", "gpt2"])
+def test_attention_dropout_set_apart_from_hidden_dropout(tiny_models, arch):
+    source = ModelSource(arch, str(tiny_models[arch]))
+    model = load_model(source, "sequence-classification", make_tokenizer(), ["a", "b", "c"], dropout=0.2,
+                       attention_dropout=0.0)
+    rates = {name: m.p for name, m in model.named_modules() if isinstance(m, nn.Dropout)}
+    if arch == "bert":
+        assert model.config.hidden_dropout_prob == 0.2 and model.config.attention_probs_dropout_prob == 0.0
+        attention = {n for n in rates if n.endswith("attention.self.dropout")}
+    else:
+        assert model.config.resid_pdrop == 0.2 and model.config.embd_pdrop == 0.2 and model.config.attn_pdrop == 0.0
+        attention = {n for n in rates if n.endswith("attn.attn_dropout")}
+    assert len(attention) == 2  # one per layer of the tiny model
+    assert {n: p for n, p in rates.items() if n in attention} == dict.fromkeys(attention, 0.0)
+    others = {n: p for n, p in rates.items() if n not in attention}
+    assert len(others) > 2 and set(others.values()) == {0.2}
+
+
 def tiny_llama_with_lora():
     """A tiny Llama with rank-4 LoRA on every Linear, B non-zero so that every LoRA weight gets a gradient."""
     model = tiny_lm("llama")
