@@ -140,13 +140,15 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool, mode
     from lorafit.recipe import load_recipe
     from lorafit.train import pick_device, train
 
-    recipe_path, targets, batch_size, _ = TASKS[task]
+    recipe_path, targets, batch_size, max_length = TASKS[task]
     overrides = [f"train.max_steps={steps}", f"data.max_train_samples={steps * batch_size}",
                  f"train.batch_size={batch_size}", f"lora.target_modules=[{','.join(targets)}]",
+                 f"data.max_length={max_length}",
                  "data.max_eval_samples=8", "data.test_split=null", "train.eval_every=null",
                  "train.save_every=null", "train.eval_at_start=false", "train.log_every=1"]
     if same_settings:
-        overrides += ["train.precision=fp32", "train.group_by_length=false", "model.dropout=null"]
+        overrides += ["train.precision=fp32", "train.group_by_length=false", "model.dropout=null",
+                      "model.attention_dropout=null"]
     if model_name:
         overrides.append(f"model.name={model_name}")
     log = io.StringIO()
