@@ -210,7 +210,7 @@ def normalize_args(args: list[str]) -> list[str]:
 
 
 def main() -> None:
-    from lorafit.fast import bound_onednn_caches
+    from lorafit.onednn import bound_onednn_caches
 
     bound_onednn_caches()  # before any command's first matmul
     app(args=normalize_args(sys.argv[1:]), prog_name="lorafit")

@@ -13,7 +13,6 @@ output it keeps (tested against autograd).
 - `head_cross_entropy`: the LM head and its loss a chunk of rows at a time, its gradient formed
   in the forward.
 - `use_fused_gated_mlp`: Llama-style MLPs keep two activations for the backward instead of three.
-- `bound_onednn_caches`: oneDNN's per-shape caches held to 64 entries, not 1,024.
 - `use_fused_rms_norm`: under autocast, Llama-style RMSNorms hand their Linears the autocast copy
   of their output and keep only that for the backward, not their fp32 input.
 """
@@ -21,7 +20,6 @@ output it keeps (tested against autograd).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -30,24 +28,6 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
-
-ONEDNN_CACHE_CAPACITY = 64
-
-
-def bound_onednn_caches(capacity: int = ONEDNN_CACHE_CAPACITY) -> None:
-    """Hold oneDNN's primitive cache and ideep's computation cache to `capacity` entries each
-    (1,024 by default), unless the environment already sets them.
-
-    CPU bf16 matmuls go through oneDNN, which builds a primitive for each input shape and caches
-    it at about 0.3 MB an entry in each cache. Batches of new lengths at nearly every step fill both
-    caches to 1,024 entries, about 0.6 GB kept for shapes that rarely come back (a standalone loop
-    of 2,000 shapes: +556 MB live heap at the defaults, +19 MB at 16 entries, same time). The sizes
-    are read once, at the first oneDNN call of the process, so this must run before it; afterwards
-    it changes nothing.
-    """
-    for name in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY"):
-        os.environ.setdefault(name, str(capacity))
-
 
 MASK_BITS = 15
 MASK_LEVELS = 1 << MASK_BITS

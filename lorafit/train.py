@@ -35,12 +35,13 @@ from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_orde
                           load_classification_data, load_lm_data, steps_per_epoch, tokenize)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
-from lorafit.fast import (bound_onednn_caches, store_frozen_weights, use_fast_attention_dropout, use_fast_dropout,
-                          use_fused_gated_mlp, use_fused_rms_norm)
+from lorafit.fast import (store_frozen_weights, use_fast_attention_dropout, use_fast_dropout, use_fused_gated_mlp,
+                          use_fused_rms_norm)
 from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, tokenize_lm
 from lorafit.io import write_json
 from lorafit.lora import LoraPlan, add_lora, classification_head
 from lorafit.models import load_model, load_tokenizer, model_max_length, resolve_model
+from lorafit.onednn import bound_onednn_caches
 from lorafit.recipe import Recipe, dump_recipe
 from lorafit.report import plot_training, with_tensorboard
 from lorafit.unpad import use_unpadded_encoder

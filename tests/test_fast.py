@@ -371,7 +371,7 @@ def test_fused_rms_norm_leaves_other_models_and_zero_weights_alone():
 def test_onednn_caches_are_bounded_unless_the_environment_says_otherwise(monkeypatch):
     import os
 
-    from lorafit.fast import ONEDNN_CACHE_CAPACITY, bound_onednn_caches
+    from lorafit.onednn import ONEDNN_CACHE_CAPACITY, bound_onednn_caches
 
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")  # the user's own setting stays
