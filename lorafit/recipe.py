@@ -149,6 +149,8 @@ class TrainConfig:
     pad_to_multiple_of: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
     """Round each batch's padded length up to a multiple of this; null: 64 on GPUs (few distinct shapes, so
     shape-specialized kernels are planned once), 1 on CPUs (no extra padding)."""
+    label_smoothing: float = field(default=0.0, metadata=_rule(lambda v: 0 <= v < 1, "use a fraction in [0, 1), e.g. 0.1"))
+    """Sequence classification: the training loss aims at 1 - x on the true class and spreads x over all classes."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
@@ -294,6 +296,8 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         problems.append("data.prompt_column / data.completion_column: give both (prompt + completion data) or neither")
     if data.messages_column and data.prompt_column:
         problems.append("data.messages_column: chat data and prompt + completion data exclude each other; pick one")
+    if recipe.model.task == "causal-lm" and recipe.train.label_smoothing:
+        problems.append("train.label_smoothing: only for model.task: sequence-classification")
     if recipe.model.task == "sequence-classification":
         for key in ("prompt_column", "completion_column", "messages_column", "prompt_template"):
             if getattr(data, key) is not None:

@@ -387,7 +387,7 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
         if not classify:
             return lm_loss(s.model, batch)
         logits = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum", label_smoothing=cfg.label_smoothing)
 
     def run_eval(split_name: str, step: int) -> dict:
         score = evaluate if classify else evaluate_lm

@@ -247,7 +247,7 @@ def worker_tta_peft(eval_every: int, target: float, budget_s: float) -> dict:
             start = time.perf_counter()
             batch = collate(train_split, batch_ids, tokenizer.pad_token_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            F.cross_entropy(logits, batch["labels"]).backward()
+            F.cross_entropy(logits, batch["labels"], label_smoothing=cfg.label_smoothing).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm)
             optimizer.step()
             scheduler.step()
