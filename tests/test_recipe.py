@@ -55,6 +55,7 @@ def test_wrong_type():
         ("optim", "lr", -1, "use a positive learning rate such as 5.0e-4"),
         ("lora", "dropout", 1.5, "use a value in [0, 1), e.g. 0.1"),
         ("data", "eval_fraction", 1.0, "use a fraction in (0, 1), e.g. 0.05"),
+        ("train", "label_smoothing", 1.0, "use a fraction in [0, 1), e.g. 0.1"),
     ],
 )
 def test_out_of_range(section, key, value, fix):
@@ -112,3 +113,8 @@ def test_malformed_yaml_reports_line(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(LorafitError, match="recipe file not found"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_label_smoothing_is_for_classification_only():
+    assert problems({**MINIMAL, "model": {"name": "m", "task": "causal-lm"}, "train": {"label_smoothing": 0.1}}) == [
+        "train.label_smoothing: only for model.task: sequence-classification"]

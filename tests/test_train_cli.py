@@ -57,3 +57,29 @@ def test_eval_splits_give_a_test_curve(tiny_models, toy_data, tmp_path, run_cli)
     evals = [(m["step"], m["split"]) for m in read_metrics(out) if "split" in m]
     assert evals == [(5, "eval"), (5, "test"), (10, "eval"), (10, "test"), (15, "eval"), (15, "test"),
                      (20, "eval"), (20, "test"), (24, "eval"), (24, "test")]
+
+
+def test_label_smoothing_shapes_the_training_loss(tiny_models, toy_data, tmp_path, run_cli):
+    # Full-batch steps without dropout: the loss logged at step 40 is that of checkpoint step-39's
+    # predictions on the whole train split, with smoothing 0.3 (and not the plain cross-entropy).
+    import math
+
+    from lorafit.inference import load_classifier, predict_texts
+
+    out, eps = tmp_path / "run", 0.3
+    recipe = toy_recipe(tiny_models["bert"], toy_data, out, model={"dropout": 0.0}, optim={"lr": 3e-2},
+                        train={"max_steps": 40, "batch_size": 96, "log_every": 1, "eval_every": None,
+                               "save_every": 39, "precision": "fp32", "label_smoothing": eps})
+    result = run_cli("train", write_recipe(tmp_path / "toy.yaml", recipe))
+    assert result.exit_code == 0, result.output
+    (logged,) = [m["loss"] for m in read_metrics(out) if m["step"] == 40 and "split" not in m]
+
+    rows = [json.loads(line) for line in toy_data["train"].read_text().splitlines()]
+    predictions = predict_texts(load_classifier(out / "checkpoints" / "step-39"), [r["text"] for r in rows])
+    plain = smoothed = 0.0
+    for row, pred in zip(rows, predictions):
+        nll = {label: -math.log(p) for label, p in pred["probs"].items()}
+        plain += nll[row["label"]] / len(rows)
+        smoothed += ((1 - eps) * nll[row["label"]] + eps * sum(nll.values()) / len(nll)) / len(rows)
+    assert logged == pytest.approx(smoothed, abs=1e-4)
+    assert abs(smoothed - plain) > 1e-2, (smoothed, plain)
