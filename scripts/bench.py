@@ -143,7 +143,7 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool, mode
     recipe_path, targets, batch_size, max_length = TASKS[task]
     overrides = [f"train.max_steps={steps}", f"data.max_train_samples={steps * batch_size}",
                  f"train.batch_size={batch_size}", f"lora.target_modules=[{','.join(targets)}]",
-                 f"data.max_length={max_length}",
+                 f"data.max_length={max_length}", "lora.rank=8", "lora.alpha=16",
                  "data.max_eval_samples=8", "data.test_split=null", "train.eval_every=null",
                  "train.save_every=null", "train.eval_at_start=false", "train.log_every=1"]
     if same_settings:
