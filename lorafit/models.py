@@ -133,10 +133,11 @@ def set_dropout(model: torch.nn.Module, hidden: float | None, attention: float |
     """
     for module in model.modules():
         children = dict(module.named_children())
+        beside_query_key = bool(_QUERY_KEY_NAMES & children.keys())
         for name, child in children.items():
             if not isinstance(child, torch.nn.Dropout):
                 continue
-            on_attention = is_attention_name(name) or (name == "dropout" and bool(_QUERY_KEY_NAMES & children.keys()))
+            on_attention = is_attention_name(name) or (name == "dropout" and beside_query_key)
             rate = attention if on_attention else hidden
             if rate is not None:
                 child.p = rate
