@@ -39,6 +39,7 @@ TASKS = {
     "newsgroups": ("configs/newsgroups.yaml", ["query", "value"], 16, 256),
     "smollm2": ("configs/smollm2-newsgroups-lm.yaml", ["q_proj", "v_proj"], 8, 256),
 }
+LORA_RANK, LORA_ALPHA = 8, 16  # the throughput jobs' LoRA, on both sides whatever the recipe says
 
 
 # ---------------------------------------------------------------- workers (one per process)
@@ -86,8 +87,8 @@ def worker_peft(task: str, steps: int, warmup: int, tuned: bool, model_name: str
     classify = task == "newsgroups"
     model = load_model(source, "sequence-classification" if classify else "causal-lm", tokenizer,
                        [str(i) for i in range(n_labels)] if classify else None)
-    config = LoraConfig(task_type=TaskType.SEQ_CLS if classify else TaskType.CAUSAL_LM, r=8, lora_alpha=16,
-                        lora_dropout=0.1 if classify else 0.0, target_modules=targets)
+    config = LoraConfig(task_type=TaskType.SEQ_CLS if classify else TaskType.CAUSAL_LM, r=LORA_RANK,
+                        lora_alpha=LORA_ALPHA, lora_dropout=0.1 if classify else 0.0, target_modules=targets)
     model = get_peft_model(model, config).to(device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
@@ -143,7 +144,7 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool, mode
     recipe_path, targets, batch_size, max_length = TASKS[task]
     overrides = [f"train.max_steps={steps}", f"data.max_train_samples={steps * batch_size}",
                  f"train.batch_size={batch_size}", f"lora.target_modules=[{','.join(targets)}]",
-                 f"data.max_length={max_length}", "lora.rank=8", "lora.alpha=16",
+                 f"data.max_length={max_length}", f"lora.rank={LORA_RANK}", f"lora.alpha={LORA_ALPHA}",
                  "data.max_eval_samples=8", "data.test_split=null", "train.eval_every=null",
                  "train.save_every=null", "train.eval_at_start=false", "train.log_every=1"]
     if same_settings:

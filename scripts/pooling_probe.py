@@ -27,21 +27,19 @@ MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 @torch.no_grad()
 def features(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32) -> dict[str, np.ndarray]:
     """CLS hidden state, pooler output and attention-masked mean of the last hidden states, per text."""
-    out = {"cls": [None] * len(texts), "pooler": [None] * len(texts), "mean": [None] * len(texts)}
     order = np.argsort([len(t) for t in texts])  # similar lengths together: little padding
+    parts: dict[str, list[np.ndarray]] = {"cls": [], "pooler": [], "mean": []}
     for start in range(0, len(texts), batch_size):
-        ids = order[start:start + batch_size]
-        batch = tokenizer([texts[i] for i in ids], truncation=True, max_length=max_length, padding=True,
-                          return_tensors="pt")
+        batch = tokenizer([texts[i] for i in order[start:start + batch_size]], truncation=True,
+                          max_length=max_length, padding=True, return_tensors="pt")
         result = model(**batch)
         hidden = result.last_hidden_state.float()
         mask = batch["attention_mask"].unsqueeze(-1).float()
-        kinds = {"cls": hidden[:, 0], "pooler": result.pooler_output.float(),
-                 "mean": (hidden * mask).sum(1) / mask.sum(1)}
-        for kind, rows in kinds.items():
-            for i, row in zip(ids, rows):
-                out[kind][i] = row.numpy()
-    return {kind: np.stack(rows) for kind, rows in out.items()}
+        parts["cls"].append(hidden[:, 0].numpy())
+        parts["pooler"].append(result.pooler_output.float().numpy())
+        parts["mean"].append(((hidden * mask).sum(1) / mask.sum(1)).numpy())
+    back = np.argsort(order)  # rows return to the order of `texts`
+    return {kind: np.concatenate(rows)[back] for kind, rows in parts.items()}
 
 
 def main() -> None:

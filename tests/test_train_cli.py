@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from conftest import read_metrics, toy_recipe, write_recipe
@@ -62,8 +63,6 @@ def test_eval_splits_give_a_test_curve(tiny_models, toy_data, tmp_path, run_cli)
 def test_label_smoothing_shapes_the_training_loss(tiny_models, toy_data, tmp_path, run_cli):
     # Full-batch steps without dropout: the loss logged at step 40 is that of checkpoint step-39's
     # predictions on the whole train split, with smoothing 0.3 (and not the plain cross-entropy).
-    import math
-
     from lorafit.inference import load_classifier, predict_texts
 
     out, eps = tmp_path / "run", 0.3
