@@ -117,22 +117,59 @@ def test_tiny_llama_learns_a_sentence_and_generates_it(lm_model_dirs, tmp_path, 
     assert tokenizer.decode(generated[0], skip_special_tokens=True) == sentence
 
 
-def test_packed_training_runs_and_counts_tokens(lm_model_dirs, tmp_path, run_cli):
-    rows = [{"prompt": "how are you", "completion": "fine thanks"}, {"prompt": "hello", "completion": "hi"}] * 8
-    data = write_jsonl(tmp_path / "train.jsonl", rows)
+PACKED_ROWS = [{"prompt": "how are you", "completion": "fine thanks"}, {"prompt": "hello", "completion": "hi"},
+               {"prompt": "the cat sat on", "completion": "a mat"}, {"prompt": "a dog", "completion": "ran to the park"},
+               {"prompt": "hi how are you", "completion": "fine and you"}, {"prompt": "the dog ran", "completion": "to a cat"}]
+
+
+@torch.inference_mode()
+def mean_completion_loss(model, tokenizer, rows: list[dict]) -> float:
+    """Each example alone through the model's own forward (no packing, no padding, default positions):
+    the mean next-token loss over every completion token and its end token, after the chat-rendered prompt."""
+    nll, count = 0.0, 0
+    for row in rows:
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": row["prompt"]}],
+                                               add_generation_prompt=True, return_dict=True)["input_ids"]
+        target = tokenizer(row["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        log_probs = model.eval()(torch.tensor([prompt + target])).logits[0].float().log_softmax(-1)
+        nll -= sum(log_probs[len(prompt) - 1 + j, token].item() for j, token in enumerate(target))
+        count += len(target)
+    return nll / count
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_packed_training_loss_equals_the_unpacked_loss(kind, lm_model_dirs, tmp_path, run_cli):
+    from transformers import AutoModelForCausalLM
+
+    from lorafit.adapter import load_adapter_model
+
+    rows = PACKED_ROWS * 2
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", rows),
+            "eval": write_jsonl(tmp_path / "eval.jsonl", PACKED_ROWS[:2])}
     out = tmp_path / "run"
     recipe = {
         "name": "packed", "seed": 0,
-        "model": {"name": str(lm_model_dirs["gpt2"]), "task": "causal-lm"},
-        "lora": {"rank": 4, "alpha": 8, "target_modules": ["c_attn"]},
-        "data": {"path": "json", "data_files": {"train": str(data)}, "prompt_column": "prompt",
-                 "completion_column": "completion", "eval_fraction": 0.25, "test_split": None, "max_length": 32,
+        "model": {"name": str(lm_model_dirs[kind]), "task": "causal-lm"},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"path": "json", "data_files": {k: str(v) for k, v in data.items()}, "prompt_column": "prompt",
+                 "completion_column": "completion", "eval_split": "eval", "test_split": None, "max_length": 32,
                  "packing": True},
-        "train": {"max_steps": 4, "batch_size": 2, "log_every": 1, "output_dir": str(out)},
+        "optim": {"lr": 2e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
+        # One batch holds every block, so each step's loss is the mean over all training examples.
+        "train": {"max_steps": 3, "batch_size": 8, "precision": "fp32", "log_every": 1, "eval_every": None,
+                  "save_every": 1, "output_dir": str(out)},
     }
     result = run_cli("train", write_recipe(tmp_path / "r.yaml", recipe))
     assert result.exit_code == 0, result.output
-    # Rendered with the chat template, each example is 7-9 tokens: 3 or 4 fit in a 32-token block.
-    assert "packed 12 training examples into 4 blocks" in result.stdout
-    train_lines = [m for m in read_metrics(out) if "split" not in m]
-    assert len(train_lines) == 4 and all(m["tokens_per_s"] > 0 for m in train_lines)
+    # Rendered with the chat template, each example is 8-13 tokens: 2 or 3 fit in a 32-token block.
+    assert "packed 12 training examples into 5 blocks" in result.stdout
+
+    tokenizer = lm_tokenizer()
+    losses = {m["step"]: m["loss"] for m in read_metrics(out) if "split" not in m}
+    assert sorted(losses) == [1, 2, 3]
+    # Step 1 runs the base model (lora_B starts at zero); step k runs the adapter step k-1 wrote.
+    models = {1: AutoModelForCausalLM.from_pretrained(lm_model_dirs[kind])}
+    models.update({k: load_adapter_model(out / "checkpoints" / f"step-{k - 1}")[0] for k in (2, 3)})
+    for step, model in models.items():
+        assert losses[step] == pytest.approx(mean_completion_loss(model, tokenizer, rows), abs=1e-5), step
+    assert losses[3] < losses[1] - 0.1  # the adapter moved: steps 2 and 3 test more than the base model
