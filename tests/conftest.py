@@ -118,6 +118,23 @@ def lm_model_dirs(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
+def lm_recipe(model_dir: Path, data_files: dict[str, Path], output_dir: Path, **sections) -> dict:
+    """A short causal-LM recipe; `sections` update its sections, e.g. data={"packing": True}."""
+    recipe = {
+        "name": "lm", "seed": 0,
+        "model": {"name": str(model_dir), "task": "causal-lm"},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"path": "json", "data_files": {k: str(v) for k, v in data_files.items()}, "eval_split": "train",
+                 "test_split": None, "max_length": 32},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "train": {"max_steps": 4, "batch_size": 4, "log_every": 10, "eval_every": None, "save_every": None,
+                  "output_dir": str(output_dir)},
+    }
+    for section, values in sections.items():
+        recipe[section].update(values)
+    return recipe
+
+
 def toy_rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []

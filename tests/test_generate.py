@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import lm_tokenizer, read_metrics, tiny_lm, write_jsonl, write_recipe
+from conftest import lm_recipe, lm_tokenizer, read_metrics, tiny_lm, write_jsonl, write_recipe
 from rich.console import Console
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,22 +44,6 @@ def lm_logits(model, texts=TEXTS) -> torch.Tensor:
     batch = lm_tokenizer()(texts, padding=True, return_tensors="pt")
     logits = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return logits[batch["attention_mask"].bool()].float()
-
-
-def lm_recipe(model_dir: Path, data_files: dict[str, Path], output_dir: Path, **sections) -> dict:
-    recipe = {
-        "name": "lm", "seed": 0,
-        "model": {"name": str(model_dir), "task": "causal-lm"},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
-        "data": {"path": "json", "data_files": {k: str(v) for k, v in data_files.items()}, "eval_split": "train",
-                 "test_split": None, "max_length": 32},
-        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
-        "train": {"max_steps": 4, "batch_size": 4, "log_every": 10, "eval_every": None, "save_every": None,
-                  "output_dir": str(output_dir)},
-    }
-    for section, values in sections.items():
-        recipe[section].update(values)
-    return recipe
 
 
 # ---------------------------------------------------------------- PEFT as the oracle

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, read_metrics, tiny_config, toy_recipe, write_jsonl
+from conftest import WORDS, lm_recipe, read_metrics, tiny_config, toy_recipe, write_jsonl
 from rich.console import Console
 from safetensors.torch import load_file
 
@@ -28,17 +28,10 @@ def accum_recipe(model_dir: Path, data: dict[str, Path], out: Path, batch_size: 
     # No dropout, fp32, and batches in shuffled order without length grouping: batch_order's
     # permutation then depends on (seed, epoch) alone, so batch 16 × 1 and batch 8 × 2 see the
     # same 16 examples at every step.
-    return {
-        "name": "accum", "seed": 0,
-        "model": {"name": str(model_dir), "task": "causal-lm"},
-        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
-        "data": {"path": "json", "data_files": {k: str(v) for k, v in data.items()}, "eval_split": "eval",
-                 "test_split": None, "max_length": 32},
-        "optim": {"lr": 1e-2, "warmup_ratio": 0.25, "scheduler": "linear"},
-        "train": {"max_steps": ACCUM_STEPS, "batch_size": batch_size, "grad_accum_steps": grad_accum_steps,
-                  "group_by_length": False, "precision": "fp32", "log_every": 1, "eval_every": None,
-                  "save_every": 1, "output_dir": str(out)},
-    }
+    return lm_recipe(model_dir, data, out, data={"eval_split": "eval"},
+                     optim={"warmup_ratio": 0.25, "scheduler": "linear"},
+                     train={"max_steps": ACCUM_STEPS, "batch_size": batch_size, "grad_accum_steps": grad_accum_steps,
+                            "group_by_length": False, "precision": "fp32", "log_every": 1, "save_every": 1})
 
 
 @pytest.fixture(scope="module")
