@@ -157,9 +157,9 @@ def mean_target_loss(model, sequences: list[tuple[list[int], list[bool]]]) -> tu
     return nll / count, count
 
 
-PACKED_ROWS = [{"prompt": "how are you", "completion": "fine thanks"}, {"prompt": "hello", "completion": "hi"},
-               {"prompt": "the cat sat on", "completion": "a mat"}, {"prompt": "a dog", "completion": "ran to the park"},
-               {"prompt": "hi how are you", "completion": "fine and you"}, {"prompt": "the dog ran", "completion": "to a cat"}]
+PACKED_ROWS = [{"prompt": p, "completion": c} for p, c in (
+    ("how are you", "fine thanks"), ("hello", "hi"), ("the cat sat on", "a mat"), ("a dog", "ran to the park"),
+    ("hi how are you", "fine and you"), ("the dog ran", "to a cat"))]
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])

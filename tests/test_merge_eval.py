@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_confusion_png, read_metrics, save_tiny_model, toy_recipe, toy_rows, write_jsonl, write_recipe
+from conftest import (assert_confusion_png, read_metrics, save_tiny_model, toy_recipe, toy_rows, write_jsonl,
+                      write_recipe)
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner

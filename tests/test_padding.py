@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 import torch
@@ -149,4 +151,4 @@ def test_length_grouped_batches_have_little_padding_and_keep_every_example():
     # The sorted batches are shuffled again: long and short ones alternate at random through the epoch
     # (the next batch is longer about half the time; never, within a window, without that shuffle).
     longest = [max(lengths[i] for i in batch) for batch in orders[0]]
-    assert 0.3 < np.mean([b > a for a, b in zip(longest, longest[1:])]) < 0.7
+    assert 0.3 < np.mean([b > a for a, b in pairwise(longest)]) < 0.7

@@ -39,7 +39,8 @@ def assert_same_adapter(a: Path, b: Path, context: str = "") -> None:
     wa, wb = load_file(a / "adapter_model.safetensors"), load_file(b / "adapter_model.safetensors")
     assert wa.keys() == wb.keys(), context
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0, msg=lambda m: f"{context} {key}: {m}")
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-6, rtol=0,
+                                   msg=lambda m, key=key: f"{context} {key}: {m}".strip())
 
 
 @pytest.fixture(scope="module")

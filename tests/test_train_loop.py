@@ -69,7 +69,7 @@ def assert_same_training(run: Path, reference: Path) -> None:
     ours, theirs = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (run, reference))
     assert ours.keys() == theirs.keys()
     for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
 
 
 def test_two_micro_batches_of_8_update_as_one_batch_of_16(accum_runs):
@@ -201,7 +201,7 @@ def test_weight_decay_on_matrices_only(kind):
     optimizer.step()
     for group in optimizer.param_groups:
         for p in group["params"]:
-            old, grad = before[id(p)], p.grad
+            name, old, grad = names[id(p)], before[id(p)], p.grad
             expected = old * (1 - 0.01 * group["weight_decay"]) - 0.01 * grad / (grad.abs() + 1e-8)
             torch.testing.assert_close(p.detach(), expected, atol=1e-7, rtol=1e-6,
-                                       msg=lambda m: f"{names[id(p)]}: {m}")
+                                       msg=lambda m, name=name: f"{name}: {m}")
