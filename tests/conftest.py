@@ -118,6 +118,23 @@ def lm_model_dirs(tmp_path_factory) -> dict[str, Path]:
     return dirs
 
 
+def lm_recipe(model_dir: Path, data_files: dict[str, Path], output_dir: Path, **sections) -> dict:
+    """A short causal-LM recipe; `sections` update its sections, e.g. data={"packing": True}."""
+    recipe = {
+        "name": "lm", "seed": 0,
+        "model": {"name": str(model_dir), "task": "causal-lm"},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"path": "json", "data_files": {k: str(v) for k, v in data_files.items()}, "eval_split": "train",
+                 "test_split": None, "max_length": 32},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "train": {"max_steps": 4, "batch_size": 4, "log_every": 10, "eval_every": None, "save_every": None,
+                  "output_dir": str(output_dir)},
+    }
+    for section, values in sections.items():
+        recipe[section].update(values)
+    return recipe
+
+
 def toy_rows(n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     rows = []
@@ -185,3 +202,63 @@ def run_cli():
 
 def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------- PNGs
+
+MATPLOTLIB_COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728"]  # C0..C3, the default colour cycle
+
+
+def read_png(path: Path):
+    """A PNG's pixels: (height, width, 3) floats in [0, 1]."""
+    from matplotlib.image import imread
+
+    return imread(path)[..., :3]
+
+
+def axes_boxes(image) -> list[tuple[int, int, int, int]]:
+    """The inside (left, top, right, bottom; inclusive) of every black-framed rectangle in a matplotlib
+    image (axes and colour bars), left to right. Frames are found from their spines: columns dark over
+    half the image's height, paired left and right; rows dark across the width between them."""
+    import numpy as np
+
+    dark = image.max(-1) < 0.25
+    columns = np.flatnonzero(dark.sum(0) > image.shape[0] / 2)
+    spines = np.split(columns, np.flatnonzero(np.diff(columns) > 1) + 1)
+    boxes = []
+    for left, right in zip(spines[0::2], spines[1::2]):
+        rows = np.flatnonzero(dark[:, left[-1] + 1:right[0]].mean(1) > 0.9)
+        top, bottom = np.split(rows, np.flatnonzero(np.diff(rows) > 1) + 1)
+        boxes.append((int(left[-1]) + 1, int(top[-1]) + 1, int(right[0]) - 1, int(bottom[0]) - 1))
+    return boxes
+
+
+def colour_pixels(image, box: tuple[int, int, int, int], colour: str, atol: float = 0.02):
+    """(rows, columns) of the pixels inside `box` that have `colour` (hex), in image coordinates."""
+    import numpy as np
+    from matplotlib.colors import to_rgb
+
+    left, top, right, bottom = box
+    inside = image[top:bottom + 1, left:right + 1]
+    rows, columns = np.nonzero((np.abs(inside - np.array(to_rgb(colour))) <= atol).all(-1))
+    return rows + top, columns + left
+
+
+def assert_confusion_png(path: Path, matrix: list[list[int]]) -> None:
+    """The first framed image of `path` is `matrix` drawn cell by cell in the Blues colour map, scaled
+    from 0 to the largest count: rows are true classes, columns predicted."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    image = read_png(path)
+    left, top, right, bottom = axes_boxes(image)[0]
+    n = len(matrix)
+    cell_w, cell_h = (right - left + 1) / n, (bottom - top + 1) / n
+    peak = max(max(row) for row in matrix)
+    for i, row in enumerate(matrix):
+        for j, count in enumerate(row):
+            # A patch off the cell's centre, clear of the count written there.
+            x, y = int(left + (j + 0.8) * cell_w), int(top + (i + 0.8) * cell_h)
+            got = np.median(image[y - 2:y + 3, x - 2:x + 3].reshape(-1, 3), axis=0)
+            expected = colormaps["Blues"](count / peak)[:3]
+            np.testing.assert_allclose(got, expected, atol=0.01, err_msg=f"cell ({i}, {j}) with count {count}")

@@ -16,6 +16,7 @@ from transformers import AutoModelForSequenceClassification
 
 from lorafit.adapter import WEIGHTS_FILE, load_adapter_model
 from lorafit.errors import LorafitError
+from lorafit.lora import lora_layers
 from lorafit.recipe import recipe_from_dict
 from lorafit.train import train
 
@@ -68,11 +69,13 @@ def test_peft_loads_our_adapter_with_same_logits(kind, tiny_models, our_adapters
 PEFT_TARGETS = {"bert": ["query", "value"], "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"]}
 
 
+@pytest.mark.parametrize("use_rslora", [False, True], ids=["lora", "rslora"])
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
-def test_we_load_a_peft_adapter_with_same_logits(kind, tiny_models, tmp_path):
+def test_we_load_a_peft_adapter_with_same_logits(kind, use_rslora, tiny_models, tmp_path):
     base = AutoModelForSequenceClassification.from_pretrained(tiny_models[kind], num_labels=3)
+    # r 4, alpha 8: rsLoRA scales B·A by 8/√4 = 4, plain LoRA by 8/4 = 2.
     config = peft.LoraConfig(task_type=peft.TaskType.SEQ_CLS, r=4, lora_alpha=8, target_modules=PEFT_TARGETS[kind],
-                             fan_in_fan_out=kind == "gpt2")
+                             fan_in_fan_out=kind == "gpt2", use_rslora=use_rslora)
     peft_model = peft.get_peft_model(base, config)
     torch.manual_seed(3)
     with torch.no_grad():  # stand-in for training: move B and the head away from their init
@@ -85,6 +88,28 @@ def test_we_load_a_peft_adapter_with_same_logits(kind, tiny_models, tmp_path):
     ours, _, spec = load_adapter_model(tmp_path / "peft-adapter", base=str(tiny_models[kind]))
     assert spec.labels == ["LABEL_0", "LABEL_1", "LABEL_2"]  # no lorafit.json: taken from the head's shape
     torch.testing.assert_close(logits(ours), expected, atol=1e-5, rtol=0)
+
+
+def test_peft_loads_our_rslora_adapter_with_same_logits(tiny_models, toy_data, tmp_path):
+    out = tmp_path / "run"
+    raw = toy_recipe(tiny_models["llama"], toy_data, out, lora={"use_rslora": True},
+                     train={"max_steps": 6, "precision": "fp32", "save_every": None, "eval_every": None})
+    train(recipe_from_dict(raw), console=Console(quiet=True))
+    adapter = out / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["use_rslora"], config["r"], config["lora_alpha"]) == (True, 4, 8)
+
+    ours = load_adapter_model(adapter)[0]
+    assert {layer.scaling for layer in lora_layers(ours).values()} == {4.0}  # 8/√4, not 8/4
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=3)
+    expected = logits(ours)
+    torch.testing.assert_close(logits(peft.PeftModel.from_pretrained(base, adapter)), expected, atol=1e-5, rtol=0)
+
+    # The flag carries weight here: the same tensors read as plain LoRA give other logits.
+    plain = copy_adapter(adapter, tmp_path / "plain")
+    (plain / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": False}))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_models["llama"], num_labels=3)
+    assert (logits(peft.PeftModel.from_pretrained(base, plain)) - expected).abs().max() > 1e-3
 
 
 def copy_adapter(src: Path, dst: Path) -> Path:

@@ -5,30 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from conftest import read_metrics, toy_recipe, write_recipe
+from conftest import (MATPLOTLIB_COLOURS, assert_confusion_png, axes_boxes, colour_pixels, read_metrics, read_png,
+                      toy_recipe, write_recipe)
 from typer.testing import CliRunner
 
 from lorafit.adapter import load_adapter_model
 from lorafit.cli import app
 from lorafit.recipe import RecipeError, recipe_from_dict
-from lorafit.report import training_curves
+from lorafit.report import plot_confusion, plot_training, training_curves
 from lorafit.train import autocast_for, pick_device, resolve_precision
 
 TEXTS = ["ball goal team the", "the orbit of a rocket", "disk chip driver"]
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def png_size(path: Path) -> tuple[int, int]:
-    """(width, height) from a PNG's IHDR chunk."""
-    data = path.read_bytes()
-    assert data[:8] == PNG_SIGNATURE
-    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +113,29 @@ def test_predict_errors_are_one_line(trained_run, tmp_path):
 # ---------------------------------------------------------------- plots
 
 
+def series_colours(image, box) -> list[int]:
+    """How many pixels of each of the colours C0..C3 lie inside `box`."""
+    return [len(colour_pixels(image, box, colour)[0]) for colour in MATPLOTLIB_COLOURS]
+
+
+def assert_draws(image, box, steps, values, colour, xs=None, ys=None) -> None:
+    """Every (step, value) has a pixel of `colour` within 3 px of where the axes in `box` put it.
+
+    The axes span matplotlib's default view: the range of all data drawn in them (`xs`, `ys`;
+    default `steps`, `values`) plus a 5% margin each side.
+    """
+    left, top, right, bottom = box
+    xs, ys = xs or steps, ys or values
+    (x0, x1), (y0, y1) = (min(xs), max(xs)), (min(ys), max(ys))
+    rows, columns = colour_pixels(image, box, colour)
+    assert len(rows), f"no {colour} pixels in {box}"
+    for step, value in zip(steps, values):
+        x = left + (0.05 + 0.9 * (step - x0) / (x1 - x0)) * (right - left)
+        y = bottom - (0.05 + 0.9 * (value - y0) / (y1 - y0)) * (bottom - top)
+        assert np.hypot(rows - y, columns - x).min() <= 3, (step, value)
+
+
 def test_training_writes_plot_of_its_metrics(trained_run):
-    assert png_size(trained_run / "plot.png") == (1650, 462)  # figsize (15, 4.2) at 110 dpi
     metrics = read_metrics(trained_run)
     curves = training_curves(metrics)
     train_lines = [m for m in metrics if "split" not in m]
@@ -132,11 +147,51 @@ def test_training_writes_plot_of_its_metrics(trained_run):
     assert curves.eval["eval"]["accuracy"].values == [m["accuracy"] for m in metrics if m.get("split") == "eval"]
     assert curves.eval["test"]["macro_f1"].steps == [24]
 
+    image = read_png(trained_run / "plot.png")
+    assert image.shape[:2] == (462, 1650)  # figsize (15, 4.2) at 110 dpi
+    loss_box, lr_box, eval_box = axes_boxes(image)
+    # loss: train, eval and test lines (C0-C2); learning rate: one line; evaluation: accuracy and
+    # macro-F1 of eval and test (C0-C3).
+    assert [n > 0 for n in series_colours(image, loss_box)] == [True, True, True, False]
+    assert [n > 0 for n in series_colours(image, lr_box)] == [True, False, False, False]
+    assert all(n > 0 for n in series_colours(image, eval_box))
+    losses = [v for series in (curves.loss, curves.eval["eval"]["loss"], curves.eval["test"]["loss"])
+              for v in series.values]
+    assert_draws(image, loss_box, curves.loss.steps, curves.loss.values, MATPLOTLIB_COLOURS[0], ys=losses)
+    # A constant learning rate: one flat line across the panel.
+    rows, columns = colour_pixels(image, lr_box, MATPLOTLIB_COLOURS[0])
+    assert rows.max() - rows.min() <= 3 and columns.max() - columns.min() > 0.85 * (lr_box[2] - lr_box[0])
+
+
+def write_metrics(run_dir: Path, records: list[dict]) -> Path:
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run_dir
+
+
+def test_plot_draws_each_logged_value(tmp_path):
+    steps = list(range(1, 21))
+    lrs = [1e-3 * min(s / 5, (20 - s) / 15) for s in steps]  # warmup to step 5, then down to 0
+    falling = [2.0 / s for s in steps]
+    images = {}
+    for name, losses in (("falling", falling), ("rising", falling[::-1])):
+        run = write_metrics(tmp_path / name / "run", [{"step": s, "loss": v, "lr": lr}
+                                                       for s, v, lr in zip(steps, losses, lrs)])
+        image = images[name] = read_png(plot_training(run))
+        loss_box, lr_box, eval_box = axes_boxes(image)
+        assert_draws(image, loss_box, steps, losses, MATPLOTLIB_COLOURS[0])
+        assert_draws(image, lr_box, steps, lrs, MATPLOTLIB_COLOURS[0])
+        assert series_colours(image, eval_box) == [0, 0, 0, 0]  # "no evaluations yet"
+    # The same run name and learning rates: only the loss panel tells the two apart.
+    left, top, right, bottom = axes_boxes(images["falling"])[0]
+    assert not np.array_equal(images["falling"][top:bottom, left:right], images["rising"][top:bottom, left:right])
+
 
 def test_plot_command(trained_run, tmp_path):
     result = cli("plot", trained_run, "--output", tmp_path / "curves.png")
     assert result.exit_code == 0, result.output
-    assert png_size(tmp_path / "curves.png") == (1650, 462)
+    # The same metrics drawn again: the picture training drew at its end, pixel for pixel.
+    assert np.array_equal(read_png(tmp_path / "curves.png"), read_png(trained_run / "plot.png"))
 
     result = cli("plot", tmp_path)
     assert result.exit_code == 2
@@ -147,6 +202,14 @@ def test_plot_command(trained_run, tmp_path):
     assert result.stderr.strip() == (f"error: {tmp_path / 'metrics.jsonl'}: line 2 is not valid JSON "
                                      f"(Unterminated string starting at)")
     assert not (tmp_path / "plot.png").exists()
+
+
+def test_confusion_matrix_cells_follow_the_counts(tmp_path):
+    matrix = [[9, 0, 1], [2, 5, 0], [0, 3, 6]]
+    path = plot_confusion(matrix, ["a", "b", "c"], tmp_path / "confusion.png")
+    assert_confusion_png(path, matrix)
+    with pytest.raises(AssertionError):  # the check tells rows from columns
+        assert_confusion_png(path, [list(column) for column in zip(*matrix)])
 
 
 def test_curves_keep_the_last_record_of_a_step():
