@@ -44,6 +44,11 @@ class LoRALinear(nn.Module):
         self.merged = False
         self.reset_lora_parameters()
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, for model code that reads it (T5's MLP casts to `wo.weight.dtype`)."""
+        return self.base.weight
+
     @staticmethod
     def weight_shape(base: nn.Module) -> tuple[int, int]:
         """(out_features, in_features) of a Linear or Conv1D."""

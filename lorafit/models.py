@@ -174,7 +174,7 @@ def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | No
     if "gguf_file" in source.kwargs:
         drop_gguf_quantizer(model)
     set_dropout(model, dropout, attention_dropout)  # modules with a hard-coded rate too
-    if model.config.pad_token_id is None:
+    if getattr(model.config, "pad_token_id", None) is None:  # composite configs (text + vision) may lack it
         model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
