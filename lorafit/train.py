@@ -306,8 +306,11 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     """Run a recipe end to end. Returns the final metrics ({split: {metric: value}}).
 
     `resume` is "latest" or a checkpoint directory: training continues exactly where that
-    checkpoint left off. `resume_command` is shown when a signal interrupts the run.
+    checkpoint left off; `overwrite` replaces the run instead, so passing both is an error.
+    `resume_command` is shown when a signal interrupts the run.
     """
+    if resume and overwrite:
+        raise LorafitError("--resume continues a run and --overwrite replaces it; pass only one")
     bound_onednn_caches()
     console = console or Console()
     out = recipe.output_dir

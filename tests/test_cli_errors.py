@@ -6,7 +6,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import toy_recipe, write_recipe
+from rich.console import Console
+
+from lorafit.errors import LorafitError
+from lorafit.recipe import recipe_from_dict
+from lorafit.train import train
 
 
 def lorafit(*args: str, debug: bool = False) -> subprocess.CompletedProcess:
@@ -137,3 +143,16 @@ def test_test_labels_absent_from_train(tiny_models, toy_data, tmp_path, run_cli)
     error = train_error(run_cli, tmp_path, raw)
     assert "error: data: the test split has labels the train split lacks: ['cooking']" in error
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+# ---------------------------------------------------------------- resume and overwrite
+
+
+def test_resume_and_overwrite_together_are_refused(tiny_models, toy_data, tmp_path, run_cli):
+    raw = toy_recipe(tiny_models["bert"], toy_data, tmp_path / "out")
+    message = "--resume continues a run and --overwrite replaces it; pass only one"
+    with pytest.raises(LorafitError) as err:  # from Python, where `overwrite` was silently ignored
+        train(recipe_from_dict(raw), console=Console(quiet=True), overwrite=True, resume="latest")
+    assert str(err.value) == message
+    assert train_error(run_cli, tmp_path, raw, "--resume", "--overwrite") == f"error: {message}"
+    assert not (tmp_path / "out").exists()
