@@ -33,7 +33,7 @@ from lorafit.adapter import (AdapterSpec, load_adapter_weights, peft_modules_to_
 from lorafit.checkpoint import (check_resumable, find_checkpoint, load_training_state, prune_checkpoints,
                                 save_checkpoint, set_rng_state)
 from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_order, collate, default_pad_multiple,
-                          load_classification_data, load_lm_data, steps_per_epoch, tokenize)
+                          load_classification_data, load_lm_data, split_source, steps_per_epoch, tokenize)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
 from lorafit.fast import (store_frozen_weights, use_fast_attention_dropout, use_fast_dropout, use_fused_gated_mlp,
@@ -251,6 +251,12 @@ def tokenize_splits(recipe: Recipe, s: Setup, console: Console) -> dict[str, Tok
                 splits[name] = tokenize_lm(examples, s.tokenizer, recipe.data.max_length, s.data.format,
                                            recipe.data.use_chat_template,
                                            packing=recipe.data.packing and name == "train", cache=recipe.data.cache)
+                if not len(splits[name]):
+                    split = {"train": recipe.data.train_split, "eval": recipe.data.eval_split,
+                             "test": recipe.data.test_split}[name] or recipe.data.train_split  # eval held out of train
+                    raise LorafitError(f"data: split {split!r} has no example left: none of the "
+                                       f"{splits[name].dropped} in {split_source(recipe.data, split)} has a token to "
+                                       f"learn after truncation to {recipe.data.max_length} tokens (data.max_length)")
                 if splits[name].dropped:
                     console.print(f"{name}: dropped {splits[name].dropped} examples with no tokens to learn after "
                                   f"truncation to {recipe.data.max_length}")
