@@ -4,7 +4,7 @@ An adapter directory holds:
 - `adapter_config.json`: PEFT's LoraConfig keys only (PEFT warns on unknown ones);
 - `adapter_model.safetensors`: `base_model.model.<module>.lora_A.weight` (rank, in) and
   `...lora_B.weight` (out, rank) per adapted layer, and `base_model.model.<module>.<param>` for
-  each module saved in full (the classification head);
+  each module saved in full (the classification head, every module the base checkpoint lacks);
 - `lorafit.json`: lorafit's own metadata (task, label names, max_length, the recipe). Optional
   when loading, so adapters that PEFT wrote load too.
 """
@@ -24,7 +24,7 @@ from torch import nn
 from lorafit import __version__
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_directory, read_json, write_json
-from lorafit.lora import LoraPlan, add_lora, is_linear, lora_layers, matches
+from lorafit.lora import LoraPlan, add_lora, is_inside, is_linear, lora_layers, matches
 from lorafit.models import load_model, load_tokenizer, resolve_model
 
 CONFIG_FILE = "adapter_config.json"
@@ -32,6 +32,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "lorafit.json"
 PREFIX = "base_model.model."
 PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
+# Names that PEFT's model class for the task adds to modules_to_save itself, in training and in loading.
+PEFT_TASK_MODULES = {"sequence-classification": ("classifier", "score"), "causal-lm": ()}
 # Options of PEFT's LoraConfig that change the math; lorafit refuses adapters that use them.
 UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
                "layers_to_transform": None, "target_parameters": None, "trainable_token_indices": None}
@@ -63,6 +65,19 @@ def adapter_state_dict(model: nn.Module, plan: LoraPlan) -> dict[str, torch.Tens
         for param_name, param in model.get_submodule(name).named_parameters():
             state[f"{PREFIX}{name}.{param_name}"] = param
     return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+
+
+def peft_modules_to_save(model: nn.Module, names: list[str], task: str) -> list[str]:
+    """The modules that PEFT trains in full and saves for `modules_to_save=names` on a model for `task`.
+
+    PEFT takes every module whose name ends with one of `names` or of its own names for the task
+    (PEFT_TASK_MODULES), comparing plain strings with no dot boundary: `classifier` takes
+    DistilBERT's `pre_classifier` too. An adapter must save exactly these, or PEFT cannot load it.
+    Outermost modules only, in model order.
+    """
+    endings = (*names, *PEFT_TASK_MODULES[task])
+    hits = {n for n, _ in model.named_modules() if n and n.endswith(endings)}
+    return [n for n, _ in model.named_modules() if n in hits and not is_inside(n.rpartition(".")[0], hits)]
 
 
 def compact_targets(model: nn.Module, targets: list[str]) -> list[str]:
@@ -208,12 +223,15 @@ def load_adapter_model(directory: Path, base: str | None = None):
         if labels is None:
             raise LorafitError(f"{directory}: cannot tell the number of classes (no lorafit.json, no saved head)")
         spec.labels = labels
-    model = load_model(source, spec.task, tokenizer, labels, trust_remote_code=trust)
-    # PEFT lists both `classifier` and `score` for SEQ_CLS; keep the ones this model has.
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()} | {n for n, _ in model.named_modules()}
-    saved = [m for m in spec.modules_to_save if m in names or any(n.endswith("." + m) for n in names)]
+    model, not_loaded = load_model(source, spec.task, tokenizer, labels, trust_remote_code=trust)
+    saved = peft_modules_to_save(model, spec.modules_to_save, spec.task)  # as PEFT reads the adapter
+    lost = [m for m in not_loaded if not is_inside(m, saved)]
+    if lost:
+        raise LorafitError(f"{directory}: adapter does not fit the base model: the base checkpoint lacks {lost[0]} "
+                           f"(random at every load) and the adapter does not save it; train the adapter again, or "
+                           f"pass --base with a checkpoint that has it")
     plan = add_lora(model, spec.rank, spec.alpha, resolve_peft_targets(model, spec.target_modules),
-                    dropout=spec.dropout, use_rslora=spec.use_rslora, modules_to_save=saved)
+                    dropout=spec.dropout, use_rslora=spec.use_rslora, required_modules=saved)
     load_adapter_weights(model, plan, weights, str(directory))
     model.eval()
     return model, tokenizer, spec

@@ -81,8 +81,6 @@ def train(
     if output_dir is not None:
         overrides.append(f"train.output_dir={output_dir}")
     recipe = load_recipe(recipe_path, overrides)
-    if resume and overwrite:
-        raise LorafitError("--resume continues a run and --overwrite replaces it; pass only one")
     resume_command = shlex.join(["lorafit", "train", str(recipe_path),
                                  *[arg for o in overrides for arg in ("--set", o)], "--resume"])
     _quiet_libraries()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,11 +89,45 @@ def _check_data_files(data_files: Any) -> None:
             raise LorafitError(f"data.data_files: file not found: {file}")
 
 
+def split_files(cfg: DataConfig, split: str) -> list[str]:
+    """The data files that hold `split` (datasets reads a path or a list given without split names as "train")."""
+    files = cfg.data_files
+    if isinstance(files, dict):
+        files = files.get(split)
+    elif split != "train":
+        files = None
+    if files is None:
+        return []
+    return [str(f) for f in (files if isinstance(files, list) else [files])]
+
+
+def split_source(cfg: DataConfig, split: str) -> str:
+    """Where `split` comes from, for messages: its files, else the dataset's name."""
+    return ", ".join(split_files(cfg, split)) or f"dataset {cfg.path!r}"
+
+
+def _is_blank(path: Path) -> bool:
+    """Whether a file holds nothing but whitespace (read only as far as the first other byte)."""
+    with open(path, "rb") as file:
+        return not any(chunk.strip() for chunk in iter(lambda: file.read(1 << 16), b""))
+
+
+def _check_not_blank(cfg: DataConfig) -> None:
+    """A local data file with nothing in it is an error naming it and its split. datasets fails on
+    such files with a traceback (json: StopIteration) or a message that names neither (csv, text)."""
+    splits = cfg.data_files if isinstance(cfg.data_files, dict) else {"train": cfg.data_files}
+    for split in splits:
+        for file in split_files(cfg, split):
+            if "://" not in file and not any(c in file for c in "*?[") and _is_blank(Path(file)):
+                raise LorafitError(f"data: split {split!r} is empty: {file} has no rows")
+
+
 def _open_hf(cfg: DataConfig):
     """`datasets.load_dataset(cfg.path, data_files=cfg.data_files)`, with one-line errors."""
     import datasets
 
     _check_data_files(cfg.data_files)
+    _check_not_blank(cfg)
     if cfg.path not in ("json", "csv", "parquet", "text") and Path(cfg.path).suffix in (".json", ".jsonl", ".csv", ".parquet"):
         raise LorafitError(
             f"data.path: {cfg.path!r} looks like a file; use data.path: {Path(cfg.path).suffix.lstrip('.').replace('jsonl', 'json')} "
@@ -103,6 +138,10 @@ def _open_hf(cfg: DataConfig):
     except FileNotFoundError as err:
         raise LorafitError(f"data: could not find dataset {cfg.path!r}: {str(err).splitlines()[0]}") from None
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:
+        # datasets' words for a split with no rows (a csv header alone, a parquet file or json array with none)
+        empty = re.fullmatch(r'Instruction "(.+)" corresponds to no data!', str(err))
+        if empty:
+            raise LorafitError(f"data: split {empty[1]!r} is empty: {split_source(cfg, empty[1])} has no rows") from None
         raise LorafitError(f"data: could not load dataset {cfg.path!r}: {str(err).splitlines()[0]}") from None
 
 
@@ -144,12 +183,15 @@ def _label_names(values: list[Any], where: str) -> list[str]:
     raise LorafitError(f"data.label_column: labels in {where} must be all integers or all strings, found {sorted(k.__name__ for k in kinds)}")
 
 
-def _check_texts(split: TextSplit, name: str) -> None:
+def _check_texts(split: TextSplit, name: str, source: str) -> None:
+    """Every text of split `name` (read from `source`) is a string, and not every one is empty."""
     if not split.texts:
-        raise LorafitError(f"data: split {name!r} is empty")
+        raise LorafitError(f"data: split {name!r} is empty: {source} has no rows")
     bad = next((i for i, t in enumerate(split.texts) if not isinstance(t, str)), None)
     if bad is not None:
         raise LorafitError(f"data.text_column: row {bad} of split {name!r} is {split.texts[bad]!r}, not a string")
+    if not any(t.strip() for t in split.texts):
+        raise LorafitError(f"data: split {name!r} has no text: data.text_column is empty in every row of {source}")
 
 
 def hold_out(split: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:
@@ -171,7 +213,7 @@ def load_classification_data(cfg: DataConfig, seed: int) -> ClassificationData:
     """Load the recipe's splits; labels become ids in `labels` order, known to the train split."""
     splits, names = _load_newsgroups(cfg) if cfg.path == NEWSGROUPS else _load_hf(cfg)
     train = splits[cfg.train_split]
-    _check_texts(train, cfg.train_split)
+    _check_texts(train, cfg.train_split, split_source(cfg, cfg.train_split))
     if cfg.eval_split:
         eval_ = splits[cfg.eval_split]
     else:
@@ -185,10 +227,12 @@ def load_classification_data(cfg: DataConfig, seed: int) -> ClassificationData:
             test = TextSplit(test.texts[: cfg.max_eval_samples], test.labels[: cfg.max_eval_samples])
     labels = names or _label_names(train.labels, f"split {cfg.train_split!r}")
     index = {name: i for i, name in enumerate(labels)}
-    for split_name, split in (("eval", eval_), ("test", test)):
-        if split is None:
-            continue
-        _check_texts(split, split_name)
+    checks = [(cfg.eval_split or "eval", eval_, split_source(cfg, cfg.eval_split) if cfg.eval_split
+               else f"the part of {split_source(cfg, cfg.train_split)} held out for eval")]
+    if test is not None:
+        checks.append((cfg.test_split, test, split_source(cfg, cfg.test_split)))
+    for split_name, split, source in checks:
+        _check_texts(split, split_name, source)
         unseen = sorted({str(v) for v in split.labels} - set(index))
         if unseen:
             raise LorafitError(f"data: the {split_name} split has labels the train split lacks: {unseen[:5]}")
@@ -209,7 +253,7 @@ def load_labelled_split(cfg: DataConfig, split: str, labels: list[str], max_samp
     part = splits[split]
     if max_samples:
         part = TextSplit(part.texts[:max_samples], part.labels[:max_samples])
-    _check_texts(part, split)
+    _check_texts(part, split, split_source(cfg, split))
     index = {name: i for i, name in enumerate(labels)}
     if labels == [f"LABEL_{i}" for i in range(len(labels))]:
         # A model without label names (e.g. from a PEFT adapter): integer labels are the ids.
@@ -278,7 +322,8 @@ def _lm_example(row: dict, cfg: DataConfig, fmt: str) -> dict | None:
 def _lm_examples(rows: list[dict], cfg: DataConfig, fmt: str, split: str) -> list[dict]:
     found = [e for row in rows if (e := _lm_example(row, cfg, fmt)) is not None]
     if not found:
-        raise LorafitError(f"data: split {split!r} is empty")
+        raise LorafitError(f"data: split {split!r} has no text: data.text_column is empty in every row of "
+                           f"{split_source(cfg, split)}")
     return found
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,11 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.reset_lora_parameters()
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The frozen base weight, for model code that reads it (T5's MLP casts to `wo.weight.dtype`)."""
+        return self.base.weight
 
     @staticmethod
     def weight_shape(base: nn.Module) -> tuple[int, int]:
@@ -132,6 +138,10 @@ class LoraPlan:
     trainable_params: int
     total_params: int
     fan_in_fan_out: bool
+    skipped_targets: list[str] = field(default_factory=list)
+    """Layers that `target_modules` selects but that lie inside a module trained in full."""
+    not_in_checkpoint: list[str] = field(default_factory=list)
+    """Modules of `modules_to_save` whose weights the base checkpoint lacked (random at load)."""
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -141,6 +151,11 @@ def matches(name: str, pattern: str) -> bool:
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+def is_inside(name: str, modules: Iterable[str]) -> bool:
+    """Whether module `name` is one of `modules` (full names) or lies inside one."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
 
 
 def output_head_names(model: nn.Module) -> set[str]:
@@ -156,13 +171,9 @@ def output_head_names(model: nn.Module) -> set[str]:
 def find_targets(model: nn.Module, target_modules: list[str] | str, exclude: list[str] = ()) -> list[str]:
     """Resolve `target_modules` to module names; raise a helpful error when nothing fits."""
     excluded = set(exclude)
-
-    def inside_excluded(name: str) -> bool:
-        return any(name == e or name.startswith(e + ".") for e in excluded)
-
     if target_modules == "all-linear":
         excluded |= output_head_names(model)
-        found = [n for n, m in model.named_modules() if is_linear(m) and not inside_excluded(n)]
+        found = [n for n, m in model.named_modules() if is_linear(m) and not is_inside(n, excluded)]
         if not found:
             raise LorafitError("lora.target_modules: 'all-linear' found no Linear or Conv1D layers in the model")
         return found
@@ -187,7 +198,7 @@ def find_targets(model: nn.Module, target_modules: list[str] | str, exclude: lis
             f"lora.target_modules: {unsupported[0]} is a {kind}; LoRA wraps only Linear and Conv1D layers "
             f"(name the linear layers inside it instead)"
         )
-    clash = [n for n in found if inside_excluded(n)]
+    clash = [n for n in found if is_inside(n, excluded)]
     if clash:
         raise LorafitError(f"lora: {clash[0]} is both a LoRA target and in modules_to_save; pick one")
     return found
@@ -216,26 +227,39 @@ def find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
     return found
 
 
-def classification_head(model: nn.Module) -> str | None:
-    """The name of a sequence-classification head (`classifier` or `score`), if the model has one."""
-    for name in ("classifier", "score"):
-        if isinstance(getattr(model, name, None), nn.Module):
-            return name
-    return None
-
-
 def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str] | str,
-             dropout: float = 0.0, use_rslora: bool = False, modules_to_save: list[str] = ()) -> LoraPlan:
-    """Freeze `model`, wrap its target layers in `LoRALinear`, and unfreeze `modules_to_save`.
+             dropout: float = 0.0, use_rslora: bool = False, modules_to_save: list[str] = (),
+             required_modules: list[str] = ()) -> LoraPlan:
+    """Freeze `model`, wrap its target layers in `LoRALinear`, and unfreeze the modules trained in full.
+
+    Two lists of modules are trained in full (and saved with the adapter): `modules_to_save`, the
+    recipe's patterns, and `required_modules`, full names that the model and the adapter format
+    impose (modules the checkpoint lacks, and what PEFT wraps with the head). A LoRA target inside
+    one of `modules_to_save` is an error; one inside a required module is left out of LoRA, as it
+    trains in full anyway, and listed in the plan's `skipped_targets`.
 
     The model is changed in place. Raises `LorafitError` when a target matches nothing, a target
-    is not a linear layer, or a layer already has LoRA.
+    pattern selects only layers inside required modules, a target is not a linear layer, or a
+    layer already has LoRA.
     """
     existing = next((n for n, m in model.named_modules() if isinstance(m, LoRALinear)), None)
     if existing is not None:
         raise LorafitError(f"{existing} already has LoRA; a model takes one adapter, so add LoRA only once")
-    saved = find_modules_to_save(model, list(modules_to_save))
-    targets = find_targets(model, target_modules, exclude=saved)
+    explicit = find_modules_to_save(model, list(modules_to_save))
+    required = find_modules_to_save(model, [m for m in required_modules if m not in explicit])
+    chosen = set(explicit) | set(required)
+    # Outermost only: a module inside another one that is saved is saved with it.
+    saved = [n for n, _ in model.named_modules() if n in chosen and not is_inside(n.rpartition(".")[0], chosen)]
+    selected = find_targets(model, target_modules, exclude=explicit)
+    targets = [t for t in selected if not is_inside(t, required)]
+    skipped = [t for t in selected if is_inside(t, required)]
+    for pattern in [target_modules] if isinstance(target_modules, str) else target_modules:
+        hits = selected if pattern == "all-linear" else [t for t in selected if matches(t, pattern)]
+        if hits and all(is_inside(t, required) for t in hits):
+            owners = [m for m in required if any(is_inside(t, [m]) for t in hits)]
+            raise LorafitError(f"lora.target_modules: {pattern!r} selects only layers inside modules that are trained "
+                               f"in full ({', '.join(owners)}: the task head, or weights the checkpoint lacks); "
+                               f"remove it from lora.target_modules")
     for param in model.parameters():
         param.requires_grad_(False)
     fan_in_fan_out = False
@@ -256,6 +280,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str
         trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         total_params=sum(p.numel() for p in model.parameters()),
         fan_in_fan_out=fan_in_fan_out,
+        skipped_targets=skipped,
     )
 
 

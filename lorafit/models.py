@@ -145,8 +145,12 @@ def set_dropout(model: torch.nn.Module, hidden: float | None, attention: float |
 
 def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | None = None,
                trust_remote_code: bool = False, dropout: float | None = None,
-               attention_dropout: float | None = None) -> PreTrainedModel:
+               attention_dropout: float | None = None) -> tuple[PreTrainedModel, list[str]]:
     """Load the base model in fp32 for `task` (classification heads get `labels`).
+
+    Returns the model and the modules whose weights the checkpoint did not provide (see
+    `modules_not_loaded`): transformers initialized those at random, so they must be trained in
+    full and saved with the adapter.
 
     `dropout` replaces every dropout rate of the model (None keeps the checkpoint's own);
     `attention_dropout`, when given, replaces the rate on the attention probabilities instead.
@@ -166,17 +170,47 @@ def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | No
             rate = attention_dropout if is_attention_name(key) else dropout
             if rate is not None:
                 setattr(config, key, rate)
-        model = TASK_CLASSES[task].from_pretrained(
-            source.path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code, **source.kwargs
+        model, loading_info = TASK_CLASSES[task].from_pretrained(
+            source.path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
+            output_loading_info=True, **source.kwargs
         )
     except (OSError, ValueError) as err:
         raise LorafitError(f"could not load model {source.name}: {str(err).splitlines()[0]}") from None
     if "gguf_file" in source.kwargs:
         drop_gguf_quantizer(model)
     set_dropout(model, dropout, attention_dropout)  # modules with a hard-coded rate too
-    if model.config.pad_token_id is None:
+    if getattr(model.config, "pad_token_id", None) is None:  # composite configs (text + vision) may lack it
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model
+    return model, modules_not_loaded(model, loading_info["missing_keys"])
+
+
+def modules_not_loaded(model: torch.nn.Module, missing_keys) -> list[str]:
+    """The modules that hold every parameter in `missing_keys` (transformers' names of the weights a
+    checkpoint lacked), outermost only, in model order.
+
+    A parameter tied to one that was loaded counts as loaded (it is listed under the loaded name),
+    and buffers are ignored (transformers computes them). Each parameter's module is widened to its
+    largest ancestor, short of the model itself, whose parameters all are missing: RoBERTa's head
+    is `classifier`, not `classifier.dense` and `classifier.out_proj`; DeBERTa's is `pooler` and
+    `classifier`. Raises `LorafitError` for a missing parameter of the model itself (in no
+    submodule), which no adapter can save.
+    """
+    params = [name for name, _ in model.named_parameters()]
+    absent = set(params) & set(missing_keys)
+
+    def all_absent(module_name: str) -> bool:
+        return all(p in absent for p in params if p.startswith(module_name + "."))
+
+    owners = set()
+    for name in absent:
+        owner = name.rpartition(".")[0]
+        if not owner:
+            raise LorafitError(f"the checkpoint lacks {name}, a parameter of the model itself rather than of one "
+                               f"of its modules; an adapter cannot save it")
+        while "." in owner and all_absent(owner.rpartition(".")[0]):
+            owner = owner.rpartition(".")[0]
+        owners.add(owner)
+    return [n for n, _ in model.named_modules() if n in owners and not any(n.startswith(o + ".") for o in owners)]
 
 
 def drop_gguf_quantizer(model: PreTrainedModel) -> None:

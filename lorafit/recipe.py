@@ -72,7 +72,8 @@ class LoraConfig:
     )
     """Module names matched in full or as a dotted suffix, or "all-linear" (every Linear/Conv1D but the head)."""
     modules_to_save: list[str] = field(default_factory=list)
-    """Modules trained in full and saved with the adapter; the classification head is added automatically."""
+    """Modules trained in full and saved with the adapter. Added automatically: every module the checkpoint
+    lacks (the task head), and the modules PEFT takes with the head (names ending in classifier or score)."""
     use_rslora: bool = False
     """Rank-stabilized LoRA: scale by alpha/sqrt(rank) instead of alpha/rank."""
 

@@ -28,21 +28,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lorafit import cache
-from lorafit.adapter import AdapterSpec, load_adapter_weights, read_adapter_weights, save_adapter
+from lorafit.adapter import (AdapterSpec, load_adapter_weights, peft_modules_to_save, read_adapter_weights,
+                             save_adapter)
 from lorafit.checkpoint import (check_resumable, find_checkpoint, load_training_state, prune_checkpoints,
                                 save_checkpoint, set_rng_state)
 from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_order, collate, default_pad_multiple,
-                          load_classification_data, load_lm_data, steps_per_epoch, tokenize)
+                          load_classification_data, load_lm_data, split_source, steps_per_epoch, tokenize)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
 from lorafit.fast import (store_frozen_weights, use_fast_attention_dropout, use_fast_dropout, use_fused_gated_mlp,
                           use_fused_rms_norm)
 from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, tokenize_lm
 from lorafit.io import write_json
-from lorafit.lora import LoraPlan, add_lora, classification_head
+from lorafit.lora import LoraPlan, add_lora, find_modules_to_save
 from lorafit.models import load_model, load_tokenizer, model_max_length, resolve_model
 from lorafit.onednn import bound_onednn_caches
-from lorafit.recipe import Recipe, dump_recipe
+from lorafit.recipe import LoraConfig, Recipe, dump_recipe
 from lorafit.report import plot_training, with_tensorboard
 from lorafit.unpad import use_unpadded_encoder
 
@@ -169,6 +170,11 @@ def plan_table(plan: LoraPlan, recipe: Recipe) -> Table:
     table.add_row("rank / alpha", f"{recipe.lora.rank} / {recipe.lora.alpha:g}"
                   + (" (rsLoRA)" if recipe.lora.use_rslora else ""))
     table.add_row("trained in full", ", ".join(plan.modules_to_save) or "-")
+    if plan.not_in_checkpoint:
+        table.add_row("not in checkpoint", ", ".join(plan.not_in_checkpoint) + " (random at load: trained in full, "
+                      "saved with the adapter)")
+    if plan.skipped_targets:
+        table.add_row("kept out of LoRA", ", ".join(plan.skipped_targets) + " (inside modules trained in full)")
     table.add_row("trainable params", f"{plan.trainable_params:,} of {plan.total_params:,} "
                   f"({100 * plan.trainable_params / plan.total_params:.2f}%)")
     return table
@@ -188,6 +194,22 @@ class Setup:
     data: ClassificationData | LMData
 
 
+def add_recipe_lora(model: torch.nn.Module, lora: LoraConfig, task: str, not_loaded: list[str]) -> LoraPlan:
+    """Add the recipe's LoRA to `model` (see `add_lora`), with `not_loaded` the modules whose weights
+    the checkpoint lacked (from `load_model`).
+
+    Trained in full besides `lora.modules_to_save`: the modules the checkpoint lacks, whose weights
+    are random, and every module PEFT wraps along with those and with the task head (PEFT matches
+    names by their ending: `classifier` takes `pre_classifier` too), so that PEFT loads the adapter.
+    """
+    saved = find_modules_to_save(model, lora.modules_to_save)
+    required = peft_modules_to_save(model, saved + not_loaded, task)
+    plan = add_lora(model, lora.rank, lora.alpha, lora.target_modules, dropout=lora.dropout,
+                    use_rslora=lora.use_rslora, modules_to_save=lora.modules_to_save, required_modules=required)
+    plan.not_in_checkpoint = not_loaded
+    return plan
+
+
 def setup(recipe: Recipe, console: Console) -> Setup:
     """Load data, the base model and its tokenizer; add LoRA. Nothing is written."""
     seed_everything(recipe.seed)
@@ -197,21 +219,16 @@ def setup(recipe: Recipe, console: Console) -> Setup:
     data = load_classification_data(recipe.data, recipe.seed) if classify else load_lm_data(recipe.data, recipe.seed)
     labels = data.labels if classify else None
     tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
-    model = load_model(source, recipe.model.task, tokenizer, labels, recipe.model.trust_remote_code,
-                       dropout=recipe.model.dropout, attention_dropout=recipe.model.attention_dropout)
+    model, not_loaded = load_model(source, recipe.model.task, tokenizer, labels, recipe.model.trust_remote_code,
+                                   dropout=recipe.model.dropout, attention_dropout=recipe.model.attention_dropout)
     limit = model_max_length(model)
     if limit and recipe.data.max_length > limit:
         raise LorafitError(f"data.max_length: {recipe.data.max_length} is above the model's limit of {limit} tokens; "
                            f"use at most {limit}")
-    head = classification_head(model) if classify else None
-    saved = list(recipe.lora.modules_to_save)
-    if head and not any(head == m or head.endswith("." + m) for m in saved):
-        saved.append(head)
-    plan = add_lora(model, recipe.lora.rank, recipe.lora.alpha, recipe.lora.target_modules,
-                    dropout=recipe.lora.dropout, use_rslora=recipe.lora.use_rslora, modules_to_save=saved)
+    plan = add_recipe_lora(model, recipe.lora, recipe.model.task, not_loaded)
     spec = AdapterSpec(
         base_model=recipe.model.name, task=recipe.model.task, rank=recipe.lora.rank, alpha=recipe.lora.alpha,
-        dropout=recipe.lora.dropout, target_modules=recipe.lora.target_modules, modules_to_save=saved,
+        dropout=recipe.lora.dropout, target_modules=recipe.lora.target_modules, modules_to_save=plan.modules_to_save,
         use_rslora=recipe.lora.use_rslora, labels=labels,
         meta={"max_length": recipe.data.max_length, "trust_remote_code": recipe.model.trust_remote_code,
               "recipe": recipe.to_dict()},
@@ -234,6 +251,12 @@ def tokenize_splits(recipe: Recipe, s: Setup, console: Console) -> dict[str, Tok
                 splits[name] = tokenize_lm(examples, s.tokenizer, recipe.data.max_length, s.data.format,
                                            recipe.data.use_chat_template,
                                            packing=recipe.data.packing and name == "train", cache=recipe.data.cache)
+                if not len(splits[name]):
+                    split = {"train": recipe.data.train_split, "eval": recipe.data.eval_split,
+                             "test": recipe.data.test_split}[name] or recipe.data.train_split  # eval held out of train
+                    raise LorafitError(f"data: split {split!r} has no example left: none of the "
+                                       f"{splits[name].dropped} in {split_source(recipe.data, split)} has a token to "
+                                       f"learn after truncation to {recipe.data.max_length} tokens (data.max_length)")
                 if splits[name].dropped:
                     console.print(f"{name}: dropped {splits[name].dropped} examples with no tokens to learn after "
                                   f"truncation to {recipe.data.max_length}")
@@ -289,8 +312,11 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     """Run a recipe end to end. Returns the final metrics ({split: {metric: value}}).
 
     `resume` is "latest" or a checkpoint directory: training continues exactly where that
-    checkpoint left off. `resume_command` is shown when a signal interrupts the run.
+    checkpoint left off; `overwrite` replaces the run instead, so passing both is an error.
+    `resume_command` is shown when a signal interrupts the run.
     """
+    if resume and overwrite:
+        raise LorafitError("--resume continues a run and --overwrite replaces it; pass only one")
     bound_onednn_caches()
     console = console or Console()
     out = recipe.output_dir

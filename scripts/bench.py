@@ -85,8 +85,8 @@ def worker_peft(task: str, steps: int, warmup: int, tuned: bool, model_name: str
     source = resolve_model(base_model_name(task, model_name))
     tokenizer = load_tokenizer(source)
     classify = task == "newsgroups"
-    model = load_model(source, "sequence-classification" if classify else "causal-lm", tokenizer,
-                       [str(i) for i in range(n_labels)] if classify else None)
+    model, _ = load_model(source, "sequence-classification" if classify else "causal-lm", tokenizer,
+                          [str(i) for i in range(n_labels)] if classify else None)
     config = LoraConfig(task_type=TaskType.SEQ_CLS if classify else TaskType.CAUSAL_LM, r=LORA_RANK,
                         lora_alpha=LORA_ALPHA, lora_dropout=0.1 if classify else 0.0, target_modules=targets)
     model = get_peft_model(model, config).to(device)
@@ -228,7 +228,7 @@ def worker_tta_peft(eval_every: int, target: float, budget_s: float) -> dict:
     data = load_classification_data(recipe.data, recipe.seed)
     source = resolve_model(recipe.model.name)
     tokenizer = load_tokenizer(source)
-    model = load_model(source, "sequence-classification", tokenizer, data.labels)
+    model, _ = load_model(source, "sequence-classification", tokenizer, data.labels)
     model = get_peft_model(model, LoraConfig(task_type=TaskType.SEQ_CLS, r=recipe.lora.rank,
                                              lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
                                              target_modules=recipe.lora.target_modules))
@@ -336,8 +336,8 @@ def matmul_flops_per_token(task: str, model_name: str | None) -> float:
     from lorafit.models import load_model, load_tokenizer, resolve_model
 
     source = resolve_model(base_model_name(task, model_name))
-    model = load_model(source, "sequence-classification" if task == "newsgroups" else "causal-lm",
-                       load_tokenizer(source), ["a", "b"] if task == "newsgroups" else None)
+    model, _ = load_model(source, "sequence-classification" if task == "newsgroups" else "causal-lm",
+                          load_tokenizer(source), ["a", "b"] if task == "newsgroups" else None)
     import torch
 
     params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -6,7 +6,14 @@ import os
 import subprocess
 import sys
 
-from conftest import toy_recipe, write_recipe
+import datasets
+import pytest
+from conftest import toy_recipe, write_jsonl, write_recipe
+from rich.console import Console
+
+from lorafit.errors import LorafitError
+from lorafit.recipe import recipe_from_dict
+from lorafit.train import train
 
 
 def lorafit(*args: str, debug: bool = False) -> subprocess.CompletedProcess:
@@ -117,23 +124,89 @@ def test_missing_label_column(tiny_models, toy_data, tmp_path, run_cli):
     assert "data.label_column: column 'topic' not found in split 'train'; columns are ['text', 'label']" in error
 
 
-def test_empty_dataset(tiny_models, toy_data, tmp_path, run_cli):
-    empty = tmp_path / "empty.csv"
-    empty.write_text("text,label\n")
-    raw = toy_recipe(tiny_models["bert"], {**toy_data, "train": empty}, tmp_path / "out")
-    raw["data"]["path"] = "csv"
-    raw["data"]["data_files"] = {"train": str(empty)}
-    raw["data"]["eval_split"] = raw["data"]["test_split"] = None
-    error = train_error(run_cli, tmp_path, raw)
-    # datasets itself refuses a file with no rows; the message still says which dataset and why.
-    assert error == "error: data: could not load dataset 'csv': Instruction \"train\" corresponds to no data!"
-
-
 def test_test_labels_absent_from_train(tiny_models, toy_data, tmp_path, run_cli):
-    from conftest import write_jsonl
-
     test = write_jsonl(tmp_path / "test.jsonl", [{"text": "the ball", "label": "cooking"}])
     raw = toy_recipe(tiny_models["bert"], {**toy_data, "test": test}, tmp_path / "out")
     error = train_error(run_cli, tmp_path, raw)
     assert "error: data: the test split has labels the train split lacks: ['cooking']" in error
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+# ---------------------------------------------------------------- empty data
+
+
+def write_rows(path, fmt: str, text: str | None) -> None:
+    """A data file of `fmt` with the columns text and label and no row; `text` overrides the content."""
+    if fmt == "parquet":
+        datasets.Dataset.from_dict({"text": [], "label": []}).to_parquet(str(path))
+    else:
+        path.write_text(text)
+
+
+@pytest.mark.parametrize("fmt, name, content", [
+    ("json", "train.jsonl", ""),  # no bytes: datasets raised StopIteration (a traceback)
+    ("json", "train.jsonl", "\n  \n"),  # blank lines: 'Instruction "train" corresponds to no data!'
+    ("json", "train.json", "[]"),  # the same
+    ("csv", "train.csv", "text,label\n"),  # a header and no row: the same
+    ("text", "train.txt", ""),  # 'An error occurred while generating the dataset'
+    ("parquet", "train.parquet", None),  # the columns and no row: 'Instruction "train" corresponds to no data!'
+])
+def test_data_file_with_no_rows(fmt, name, content, tiny_models, toy_data, tmp_path, run_cli):
+    path = tmp_path / name
+    write_rows(path, fmt, content)
+    raw = toy_recipe(tiny_models["bert"], toy_data, tmp_path / "out")
+    raw["data"].update(path=fmt, data_files={"train": str(path)}, eval_split=None, test_split=None)
+    assert train_error(run_cli, tmp_path, raw) == f"error: data: split 'train' is empty: {path} has no rows"
+
+
+def test_empty_test_file_names_its_split(tiny_models, toy_data, tmp_path, run_cli):
+    empty = tmp_path / "test.jsonl"
+    empty.write_text("")
+    raw = toy_recipe(tiny_models["bert"], {**toy_data, "test": empty}, tmp_path / "out")
+    assert train_error(run_cli, tmp_path, raw) == f"error: data: split 'test' is empty: {empty} has no rows"
+
+
+def test_split_whose_texts_are_all_empty(tiny_models, toy_data, tmp_path, run_cli):
+    blank = write_jsonl(tmp_path / "validation.jsonl", [{"text": "", "label": "space"}, {"text": " ", "label": "tech"}])
+    raw = toy_recipe(tiny_models["bert"], {**toy_data, "validation": blank}, tmp_path / "out")
+    assert train_error(run_cli, tmp_path, raw) == (
+        f"error: data: split 'validation' has no text: data.text_column is empty in every row of {blank}")
+
+
+def lm_recipe(model_dir, train_file, out) -> dict:
+    return {"name": "lm", "model": {"name": str(model_dir), "task": "causal-lm"},
+            "lora": {"target_modules": ["q_proj", "v_proj"]},
+            "data": {"path": "json", "data_files": {"train": str(train_file)}, "eval_split": "train",
+                     "test_split": None, "max_length": 16},
+            "train": {"max_steps": 2, "batch_size": 2, "output_dir": str(out)}}
+
+
+def test_causal_lm_texts_all_empty(lm_model_dirs, tmp_path, run_cli):
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": ""}, {"text": "  "}])
+    assert train_error(run_cli, tmp_path, lm_recipe(lm_model_dirs["llama"], data, tmp_path / "out")) == (
+        f"error: data: split 'train' has no text: data.text_column is empty in every row of {data}")
+
+
+def test_causal_lm_examples_all_dropped(lm_model_dirs, tmp_path, run_cli):
+    """Chats whose user turn fills max_length: truncation leaves no assistant token to learn."""
+    chat = [{"role": "user", "content": "the cat sat on a mat and the dog ran to the park"},
+            {"role": "assistant", "content": "hello"}]
+    data = write_jsonl(tmp_path / "train.jsonl", [{"messages": chat}] * 2)
+    raw = lm_recipe(lm_model_dirs["llama"], data, tmp_path / "out")
+    raw["data"].update(messages_column="messages", max_length=8)
+    assert train_error(run_cli, tmp_path, raw) == (
+        f"error: data: split 'train' has no example left: none of the 2 in {data} has a token to learn after "
+        f"truncation to 8 tokens (data.max_length)")
+
+
+# ---------------------------------------------------------------- resume and overwrite
+
+
+def test_resume_and_overwrite_together_are_refused(tiny_models, toy_data, tmp_path, run_cli):
+    raw = toy_recipe(tiny_models["bert"], toy_data, tmp_path / "out")
+    message = "--resume continues a run and --overwrite replaces it; pass only one"
+    with pytest.raises(LorafitError) as err:  # from Python, where `overwrite` was silently ignored
+        train(recipe_from_dict(raw), console=Console(quiet=True), overwrite=True, resume="latest")
+    assert str(err.value) == message
+    assert train_error(run_cli, tmp_path, raw, "--resume", "--overwrite") == f"error: {message}"
+    assert not (tmp_path / "out").exists()

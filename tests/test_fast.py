@@ -51,8 +51,8 @@ def test_use_fast_dropout_swaps_only_active_plain_dropout():
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
 def test_bf16_frozen_weights_give_identical_logits(kind, tiny_models):
-    model = load_model(ModelSource(kind, str(tiny_models[kind])), "sequence-classification", make_tokenizer(),
-                       ["a", "b", "c"])
+    model, _ = load_model(ModelSource(kind, str(tiny_models[kind])), "sequence-classification", make_tokenizer(),
+                          ["a", "b", "c"])
     add_lora(model, 4, 8, "all-linear", modules_to_save=["classifier" if kind == "bert" else "score"])
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -84,9 +84,9 @@ def test_bf16_frozen_weights_leave_tied_head_alone():
 
 def test_model_dropout_override(tiny_models):
     source = ModelSource("bert", str(tiny_models["bert"]))
-    kept = load_model(source, "sequence-classification", make_tokenizer(), ["a", "b", "c"])
+    kept, _ = load_model(source, "sequence-classification", make_tokenizer(), ["a", "b", "c"])
     assert kept.config.hidden_dropout_prob == 0.1 and kept.config.attention_probs_dropout_prob == 0.1
-    off = load_model(source, "sequence-classification", make_tokenizer(), ["a", "b", "c"], dropout=0.0)
+    off, _ = load_model(source, "sequence-classification", make_tokenizer(), ["a", "b", "c"], dropout=0.0)
     assert off.config.hidden_dropout_prob == 0.0 and off.config.attention_probs_dropout_prob == 0.0
     assert all(m.p == 0.0 for m in off.modules() if isinstance(m, nn.Dropout))
     # Training-mode outputs are deterministic once every dropout is off.
@@ -98,8 +98,8 @@ def test_model_dropout_override(tiny_models):
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
 def test_attention_dropout_set_apart_from_hidden_dropout(tiny_models, arch):
     source = ModelSource(arch, str(tiny_models[arch]))
-    model = load_model(source, "sequence-classification", make_tokenizer(), ["a", "b", "c"], dropout=0.2,
-                       attention_dropout=0.0)
+    model, _ = load_model(source, "sequence-classification", make_tokenizer(), ["a", "b", "c"], dropout=0.2,
+                          attention_dropout=0.0)
     rates = {name: m.p for name, m in model.named_modules() if isinstance(m, nn.Dropout)}
     if arch == "bert":
         assert model.config.hidden_dropout_prob == 0.2 and model.config.attention_probs_dropout_prob == 0.0
@@ -195,8 +195,9 @@ def test_attention_dropout_uses_the_recorded_mask(masking, monkeypatch):
 def test_fast_attention_dropout_switch_keeps_eval_outputs(tiny_models):
     from lorafit.fast import use_fast_attention_dropout
 
-    model = load_model(ModelSource("bert", str(tiny_models["bert"])), "sequence-classification", make_tokenizer(),
-                       ["a", "b", "c"]).eval()
+    model, _ = load_model(ModelSource("bert", str(tiny_models["bert"])), "sequence-classification", make_tokenizer(),
+                          ["a", "b", "c"])
+    model.eval()
     ids = torch.tensor([[2, 5, 7, 9, 11, 6], [2, 8, 10, 3, 0, 0]])
     before = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
     assert use_fast_attention_dropout(model)

@@ -116,7 +116,7 @@ def random_lm_adapter(directory: Path, base: Path | str, modules_to_save: list[s
     """An adapter on all linear layers with random B (and a changed lm_head if saved), as lorafit saves it."""
     source = resolve_model(str(base))
     tokenizer = load_tokenizer(source)
-    model = load_model(source, "causal-lm", tokenizer)
+    model, _ = load_model(source, "causal-lm", tokenizer)
     plan = add_lora(model, rank=4, alpha=8, target_modules="all-linear", modules_to_save=modules_to_save)
     torch.manual_seed(1)
     with torch.no_grad():

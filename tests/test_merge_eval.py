@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
-from lorafit.adapter import AdapterSpec, load_adapter_model, save_adapter
+from lorafit.adapter import AdapterSpec, load_adapter_model, peft_modules_to_save, save_adapter
 from lorafit.cli import app
-from lorafit.lora import add_lora, classification_head, lora_layers
+from lorafit.lora import add_lora, lora_layers
 from lorafit.models import load_model, load_tokenizer, resolve_model
 
 LABELS = ["space", "sports", "tech"]
@@ -33,8 +33,8 @@ def make_adapter(directory: Path, model_dir: Path) -> Path:
     """A random adapter on all linear layers with a non-zero update and a changed head, saved as lorafit does."""
     source = resolve_model(str(model_dir))
     tokenizer = load_tokenizer(source)
-    model = load_model(source, "sequence-classification", tokenizer, LABELS)
-    head = classification_head(model)
+    model, _ = load_model(source, "sequence-classification", tokenizer, LABELS)
+    (head,) = peft_modules_to_save(model, [], "sequence-classification")
     plan = add_lora(model, rank=4, alpha=8, target_modules="all-linear", modules_to_save=[head])
     torch.manual_seed(1)
     with torch.no_grad():
