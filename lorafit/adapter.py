@@ -28,7 +28,6 @@ from lorafit.io import atomic_directory, read_json, write_json
 from lorafit.lora import (LoraPlan, add_lora, is_linear, lora_layers, matches, pattern_value, saved_factors,
                           set_lora_factors, start_from_principal)
 from lorafit.lowrank import LoraFactors
-from lorafit.models import load_model, load_tokenizer, resolve_model
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -325,6 +324,8 @@ def load_adapter_model(directory: Path, base: str | None = None):
 
     Returns (model, tokenizer, spec). `base` overrides the base model recorded in the adapter.
     """
+    from lorafit.models import load_model, load_tokenizer, resolve_model  # transformers' model code: seconds to import
+
     spec = read_adapter_spec(directory)
     weights = read_adapter_weights(directory)
     trust = bool(spec.meta.get("trust_remote_code", False))
