@@ -76,8 +76,8 @@ def test_energy_rank_keeps_at_least_the_energy_asked_for_and_no_more_rank_than_n
             assert energy_kept(S, k) >= energy - 1e-12
             assert k == 1 or energy_kept(S, k - 1) < energy
     # energy 1.0 needs every singular value but exact zeros and rounding noise (a share below 1e-12)
-    assert rank_for_energy(torch.tensor([1.0, 1e-5, 0.0]), 1.0) == 2
-    assert rank_for_energy(torch.tensor([1.0, 1e-9, 0.0]), 1.0) == 1
+    assert rank_for_energy(torch.tensor([1.0, 1e-5, 0.0], dtype=torch.float64), 1.0) == 2
+    assert rank_for_energy(torch.tensor([1.0, 1e-7, 0.0], dtype=torch.float64), 1.0) == 1
 
 
 def test_ratio_rank_keeps_singular_values_of_at_least_the_largest_over_ratio():
