@@ -78,7 +78,8 @@ def adapter_state_dict(model: nn.Module, plan: LoraPlan) -> dict[str, torch.Tens
     return {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
 
 
-def lora_factors(spec: AdapterSpec, weights: dict[str, torch.Tensor], source: str = "adapter") -> dict[str, LoraFactors]:
+def lora_factors(spec: AdapterSpec, weights: dict[str, torch.Tensor],
+                 source: str = "adapter") -> dict[str, LoraFactors]:
     """Each adapted module's factors and alpha, read from an adapter's tensors and config, no model needed.
 
     A module's rank is its tensors' (checked against `rank_pattern`); its alpha is `alpha_pattern`'s or `alpha`.
@@ -219,8 +220,8 @@ def read_adapter_spec(directory: Path) -> AdapterSpec:
             raise LorafitError(f"{directory / CONFIG_FILE}: {key}={config[key]!r} is not supported by lorafit (plain LoRA only)")
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.startswith(BASE_REWRITING_INITS):
-        raise LorafitError(f"{directory / CONFIG_FILE}: init_lora_weights={init!r}: this adapter works only on the base "
-                           f"weights PEFT rewrote at its init; save it from PEFT with "
+        raise LorafitError(f"{directory / CONFIG_FILE}: init_lora_weights={init!r}: this adapter works only on "
+                           f"the base weights PEFT rewrote at its init; save it from PEFT with "
                            f"path_initial_model_for_weight_conversion to get a plain LoRA for the original base")
     tasks = {v: k for k, v in PEFT_TASK_TYPES.items()}
     task = meta.get("task") or tasks.get(config.get("task_type"))

@@ -212,7 +212,7 @@ EnergyOpt = Annotated[float | None, typer.Option("--energy", help="Per module, t
 @user_errors
 def inspect(
     adapter: AdapterArg,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (singular values included).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON, singular values included.")] = False,
     plot_path: Annotated[Path | None, typer.Option("--plot", help="Also draw the spectra as a PNG here.")] = None,
 ) -> None:
     """Per module: rank, ‖ΔW‖_F, singular values, effective rank, ranks for 90%/99% of the energy, stable rank."""

@@ -121,8 +121,8 @@ def extract_adapter(base: str, tuned: str, output: Path, rule: RankRule, save_mo
         for param_name, param in tuned_model.get_submodule(name).named_parameters():
             tensors[f"{PREFIX}{name}.{param_name}"] = param
     covered = tuple(f"{name}." for name in saved) + tuple(f"{name}.weight" for name in targets)
-    unsaved = {key: float((tuned_state[key].float() - base_state[key].float()).abs().max())
-               for key in tuned_state if not key.startswith(covered) and not torch.equal(tuned_state[key], base_state[key])}
+    unsaved = {key: float((tuned_state[key].float() - base_state[key].float()).abs().max()) for key in tuned_state
+               if not key.startswith(covered) and not torch.equal(tuned_state[key], base_state[key])}
 
     energy = kept / whole if whole > 0 else 1.0
     meta_path = Path(tuned_source.path) / META_FILE  # a model lorafit merged carries its recipe

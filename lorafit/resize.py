@@ -99,7 +99,8 @@ def resize_adapter(adapter: Path, output: Path, rule: RankRule, overwrite: bool 
         write_adapter_dir(tmp, config, tensors, meta)
     above = [m for m, f in modules.items() if rule.rank is not None and rule.rank > f.rank]
     return ResizeResult(
-        output=output, rule=rule.describe(), modules=rows, energy_kept=energy, above_rank=sorted(above, key=natural_key),
+        output=output, rule=rule.describe(), modules=rows, energy_kept=energy,
+        above_rank=sorted(above, key=natural_key),
         bytes_before=(source / WEIGHTS_FILE).stat().st_size, bytes_after=(output / WEIGHTS_FILE).stat().st_size,
         lora_params_before=sum(f.A.numel() + f.B.numel() for f in modules.values()),
         lora_params_after=sum(f.A.numel() + f.B.numel() for f in resized.values()),

@@ -485,7 +485,8 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
                 window["samples"] += n_samples
                 window["tokens"] += n_tokens
                 progress_bar.update(task, advance=1, loss=f"{loss_sum:.4f}")
-                apply_rank_schedule(s.model, recipe.lora.rank_schedule, step, total_steps, optimizer, trainable, console)
+                apply_rank_schedule(s.model, recipe.lora.rank_schedule, step, total_steps, optimizer, trainable,
+                                    console)
 
                 if step % cfg.log_every == 0 or step == total_steps:
                     now = time.perf_counter()

@@ -61,7 +61,8 @@ def test_the_converted_adapter_on_the_original_base_gives_the_trained_models_log
     adapter = save_adapter(tmp_path / "adapter", model, plan, spec)
 
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert (config["r"], config["lora_alpha"], config["rank_pattern"], config["init_lora_weights"]) == (8, 16.0, {}, True)
+    assert (config["r"], config["lora_alpha"], config["rank_pattern"]) == (8, 16.0, {})  # rank 2r, same scaling
+    assert config["init_lora_weights"] is True
     ours, _, _ = load_adapter_model(adapter)  # onto the original base, loaded afresh
     torch.testing.assert_close(logits(ours), trained, atol=1e-5, rtol=0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_models[kind], num_labels=3)

@@ -296,7 +296,8 @@ def test_extract_saves_the_modules_asked_for_and_reports_other_changes(tiny_mode
             module.bias += 0.05
 
     tuned = tuned_copy(tmp_path / "tuned", tiny_models["bert"], change)
-    result = run_cli("extract", "--base", tiny_models["bert"], "--tuned", tuned, "--rank", "1", "--output", tmp_path / "a")
+    result = run_cli("extract", "--base", tiny_models["bert"], "--tuned", tuned, "--rank", "1",
+                     "--output", tmp_path / "a")
     assert result.exit_code == 0, result.output
     assert "saved in full: classifier" in result.stdout
     assert ("not in the adapter: 2 other tensors changed (the largest change is 0.25 in "
@@ -326,8 +327,8 @@ def test_extract_names_the_first_tensor_that_does_not_match(adapters, tiny_model
     AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(wide)).save_pretrained(wide)
     result = run_cli("extract", "--base", wide, "--tuned", merged, "--rank", "2", "--output", tmp_path / "x")
     assert result.exit_code == 2
-    assert result.stderr.strip() == ("error: --base and --tuned differ in shape: bert.embeddings.word_embeddings.weight "
-                                     "is (33, 48) in --base and (33, 32) in --tuned")
+    assert result.stderr.strip() == ("error: --base and --tuned differ in shape: bert.embeddings.word_embeddings."
+                                     "weight is (33, 48) in --base and (33, 32) in --tuned")
     result = run_cli("extract", "--base", tiny_models["gpt2"], "--tuned", merged, "--rank", "2", "--output",
                      tmp_path / "x")
     assert result.exit_code == 2
