@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_tokenizer, save_tiny_model
+from conftest import lm_tokenizer, make_tokenizer, save_tiny_model, tiny_lm
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -336,3 +336,27 @@ def test_extract_names_the_first_tensor_that_does_not_match(adapters, tiny_model
                                      "is in --base but not in --tuned")
     assert not (tmp_path / "x").exists()
     shutil.rmtree(merged)
+
+
+def test_extract_from_a_causal_lm(tmp_path, run_cli):
+    tiny_lm("llama").save_pretrained(tmp_path / "base")
+    lm_tokenizer().save_pretrained(tmp_path / "base")
+    tuned = tiny_lm("llama")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a rank-2 change of every linear layer but the (tied) LM head
+        for name, module in tuned.named_modules():
+            if isinstance(module, torch.nn.Linear) and name != "lm_head":
+                out_features, in_features = module.weight.shape
+                module.weight += 0.1 * (torch.randn(out_features, 2, generator=generator)
+                                        @ torch.randn(2, in_features, generator=generator))
+    tuned.save_pretrained(tmp_path / "tuned")
+    lm_tokenizer().save_pretrained(tmp_path / "tuned")
+    result = run_cli("extract", "--base", tmp_path / "base", "--tuned", tmp_path / "tuned", "--rank", "2",
+                     "--output", tmp_path / "adapter")
+    assert result.exit_code == 0, result.output
+    assert "100.00% of the difference's energy kept" in result.stdout and "saved in full: -" in result.stdout
+    ours, tokenizer, spec = load_adapter_model(tmp_path / "adapter")
+    assert spec.task == "causal-lm" and len(lora_layers(ours)) == 14  # 2 layers × (q, k, v, o, gate, up, down)
+    ids = tokenizer(["the cat sat on a mat", "hello how are you"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**ids).logits, tuned.eval()(**ids).logits, atol=1e-5, rtol=0)
