@@ -12,6 +12,7 @@ An adapter directory holds:
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,9 @@ from torch import nn
 from lorafit import __version__
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_directory, read_json, write_json
-from lorafit.lora import LoraPlan, add_lora, is_inside, is_linear, lora_layers, matches
-from lorafit.models import load_model, load_tokenizer, resolve_model
+from lorafit.lora import (LoraPlan, add_lora, is_inside, is_linear, lora_layers, matches, pattern_value, saved_factors,
+                          set_lora_factors, start_from_principal)
+from lorafit.lowrank import LoraFactors
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -35,8 +37,11 @@ PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM
 # Names that PEFT's model class for the task adds to modules_to_save itself, in training and in loading.
 PEFT_TASK_MODULES = {"sequence-classification": ("classifier", "score"), "causal-lm": ()}
 # Options of PEFT's LoraConfig that change the math; lorafit refuses adapters that use them.
-UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False, "rank_pattern": {}, "alpha_pattern": {},
+UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False,
                "layers_to_transform": None, "target_parameters": None, "trainable_token_indices": None}
+# PEFT inits that rewrite the base weights: an adapter saved from them without PEFT's conversion
+# (`path_initial_model_for_weight_conversion`) is only right on PEFT's rewritten base.
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 
 
 @dataclass
@@ -53,14 +58,22 @@ class AdapterSpec:
     use_rslora: bool = False
     labels: list[str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Ranks of modules that differ from `rank`: PEFT's keys, matched by `lora.pattern_value`."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
 
 def adapter_state_dict(model: nn.Module, plan: LoraPlan) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter under PEFT's key names (no adapter name in keys)."""
+    """The tensors of an adapter under PEFT's key names (no adapter name in keys).
+
+    Layers started by PiSSA/OLoRA are written as the plain LoRA of their update to the original
+    base weight (`lora.saved_factors`).
+    """
     state: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model).items():
-        state[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
-        state[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        factors = saved_factors(layer)
+        state[f"{PREFIX}{name}.lora_A.weight"] = factors.A
+        state[f"{PREFIX}{name}.lora_B.weight"] = factors.B
     for name in plan.modules_to_save:
         for param_name, param in model.get_submodule(name).named_parameters():
             state[f"{PREFIX}{name}.{param_name}"] = param
@@ -80,6 +93,57 @@ def peft_modules_to_save(model: nn.Module, names: list[str], task: str) -> list[
     return [n for n, _ in model.named_modules() if n in hits and not is_inside(n.rpartition(".")[0], hits)]
 
 
+def lora_factors(spec: AdapterSpec, weights: dict[str, torch.Tensor],
+                 source: str = "adapter") -> dict[str, LoraFactors]:
+    """Each adapted module's factors and alpha, read from an adapter's tensors and config, no model needed.
+
+    A module's rank is its tensors' (checked against `rank_pattern`); its alpha is `alpha_pattern`'s or `alpha`.
+    """
+    modules: dict[str, LoraFactors] = {}
+    for key in weights:
+        if not key.endswith(".lora_A.weight"):
+            continue
+        name = key[len(PREFIX):-len(".lora_A.weight")]
+        B = weights.get(f"{PREFIX}{name}.lora_B.weight")
+        if B is None:
+            raise LorafitError(f"{source}: {key} has no matching {PREFIX}{name}.lora_B.weight")
+        A = weights[key]
+        rank = int(pattern_value(spec.rank_pattern, name, spec.rank))
+        if A.shape[0] != rank or B.shape[1] != A.shape[0]:
+            raise LorafitError(f"{source}: {name} has lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)}, "
+                               f"but the config gives it rank {rank}")
+        modules[name] = LoraFactors(A, B, float(pattern_value(spec.alpha_pattern, name, spec.alpha)), spec.use_rslora)
+    orphans = [k for k in weights if k.endswith(".lora_B.weight")
+               and k[len(PREFIX):-len(".lora_B.weight")] not in modules]
+    if orphans:
+        raise LorafitError(f"{source}: {orphans[0]} has no matching lora_A tensor")
+    return modules
+
+
+def _most_common(values: list[float]) -> float:
+    """The most frequent value; ties go to the largest."""
+    counts = Counter(values)
+    return max(counts, key=lambda v: (counts[v], v))
+
+
+def rank_fields(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, Any]:
+    """PEFT's `r`, `lora_alpha`, `rank_pattern` and `alpha_pattern` for per-module ranks and alphas.
+
+    `r` and `lora_alpha` are the most common values; the patterns list the modules that differ,
+    by full module name. If a plain name would also match another module under PEFT's rule
+    (`lora.pattern_value`: keys are regular expressions matched at a dotted suffix), every key is
+    written as an anchored, escaped regular expression that matches its module alone.
+    """
+    defaults, patterns = {}, {}
+    for field_name, pattern_name, values in (("r", "rank_pattern", ranks), ("lora_alpha", "alpha_pattern", alphas)):
+        default = _most_common(list(values.values()))
+        pattern = {name: value for name, value in values.items() if value != default}
+        if any(pattern_value(pattern, name, default) != value for name, value in values.items()):
+            pattern = {f"^{re.escape(name)}": value for name, value in pattern.items()}
+        defaults[field_name], patterns[pattern_name] = default, pattern
+    return {**defaults, **patterns}
+
+
 def compact_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """The shortest faithful `target_modules`: leaf names if they select exactly `targets`, else full names."""
     leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
@@ -97,29 +161,61 @@ def save_adapter(directory: Path, model: nn.Module, plan: LoraPlan, spec: Adapte
     return Path(directory)
 
 
-def write_adapter_files(directory: Path, model: nn.Module, plan: LoraPlan, spec: AdapterSpec) -> None:
-    """Write the three adapter files into an existing directory (callers make it atomic)."""
-    config = {
+def adapter_config(spec: AdapterSpec, target_modules: list[str] | str, modules_to_save: list[str],
+                   fan_in_fan_out: bool, modules: dict[str, LoraFactors]) -> dict[str, Any]:
+    """PEFT's adapter_config.json for adapted `modules` (their ranks and alphas give r, lora_alpha
+    and the patterns) and the rest of `spec`."""
+    return {
         "peft_type": "LORA",
         "task_type": PEFT_TASK_TYPES[spec.task],
         "base_model_name_or_path": spec.base_model,
-        "r": spec.rank,
-        "lora_alpha": spec.alpha,
+        **rank_fields({n: f.rank for n, f in modules.items()}, {n: f.alpha for n, f in modules.items()}),
         "lora_dropout": spec.dropout,
-        "target_modules": compact_targets(model, plan.targets),
-        "modules_to_save": plan.modules_to_save or None,
-        "fan_in_fan_out": plan.fan_in_fan_out,
+        "target_modules": target_modules,
+        "modules_to_save": modules_to_save or None,
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "use_rslora": spec.use_rslora,
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    meta = {"lorafit_version": __version__, "task": spec.task, "labels": spec.labels, **spec.meta}
+
+
+def adapter_meta(spec: AdapterSpec) -> dict[str, Any]:
+    """lorafit.json: lorafit's version, the task, the label names and `spec.meta`."""
+    return {"lorafit_version": __version__, "task": spec.task, "labels": spec.labels, **spec.meta}
+
+
+def write_adapter_dir(directory: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      meta: dict[str, Any]) -> None:
+    """Write an adapter's three files into an existing directory (callers make it atomic): a model-free
+    writer, for adapters built from tensors (resize, extract) as much as from a model."""
     directory = Path(directory)
-    save_file(adapter_state_dict(model, plan), directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in tensors.items()}
+    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
     write_json(directory / CONFIG_FILE, config)
     write_json(directory / META_FILE, meta)
+
+
+def write_adapter_files(directory: Path, model: nn.Module, plan: LoraPlan, spec: AdapterSpec) -> None:
+    """Write the adapter of a model prepared by `add_lora` into an existing directory (callers make it atomic).
+
+    Ranks and alphas are the layers' own (they may differ per layer: a rank schedule, a PiSSA
+    conversion), written as PEFT's `rank_pattern` / `alpha_pattern` where they differ.
+    """
+    modules = {name: saved_factors(layer) for name, layer in lora_layers(model).items()}
+    config = adapter_config(spec, compact_targets(model, plan.targets), plan.modules_to_save, plan.fan_in_fan_out,
+                            modules)
+    write_adapter_dir(directory, config, adapter_state_dict(model, plan), adapter_meta(spec))
+
+
+def find_adapter(path: Path) -> Path:
+    """The adapter directory `path` names: itself, or the `adapter/` of a run directory."""
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() and (path / "adapter" / CONFIG_FILE).is_file():
+        return path / "adapter"
+    return path
 
 
 def read_adapter_spec(directory: Path) -> AdapterSpec:
@@ -137,6 +233,11 @@ def read_adapter_spec(directory: Path) -> AdapterSpec:
     for key, plain in UNSUPPORTED.items():
         if config.get(key, plain) not in (plain, None, {}, False):
             raise LorafitError(f"{directory / CONFIG_FILE}: {key}={config[key]!r} is not supported by lorafit (plain LoRA only)")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.startswith(BASE_REWRITING_INITS):
+        raise LorafitError(f"{directory / CONFIG_FILE}: init_lora_weights={init!r}: this adapter works only on "
+                           f"the base weights PEFT rewrote at its init; save it from PEFT with "
+                           f"path_initial_model_for_weight_conversion to get a plain LoRA for the original base")
     tasks = {v: k for k, v in PEFT_TASK_TYPES.items()}
     task = meta.get("task") or tasks.get(config.get("task_type"))
     if task is None:
@@ -153,6 +254,8 @@ def read_adapter_spec(directory: Path) -> AdapterSpec:
             use_rslora=bool(config.get("use_rslora", False)),
             labels=meta.get("labels"),
             meta=meta,
+            rank_pattern={str(k): int(v) for k, v in (config.get("rank_pattern") or {}).items()},
+            alpha_pattern={str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
         )
     except (KeyError, TypeError, ValueError) as err:
         raise LorafitError(f"{directory / CONFIG_FILE}: missing or invalid entry {err}") from None
@@ -188,8 +291,33 @@ def load_adapter_weights(model: nn.Module, plan: LoraPlan, weights: dict[str, to
     with torch.no_grad():
         for key, tensor in weights.items():
             name = key[len(PREFIX):]
-            # LoRALinear keeps its parameters directly; saved heads keep their own names.
-            params[name].copy_(tensor.to(params[name].dtype))
+            # LoRALinear keeps its parameters directly; saved heads keep their own names. A layer
+            # started by PiSSA/OLoRA is saved as [A; A0] and [B, −B0]: its parameters are the leading block.
+            param = params[name]
+            param.copy_(tensor[tuple(slice(0, n) for n in param.shape)].to(param.dtype))
+
+
+def load_checkpoint_adapter(model: nn.Module, plan: LoraPlan, checkpoint: Path, principal: bool = False) -> None:
+    """Load a training checkpoint's adapter into a model fresh from `add_lora`, to resume training.
+
+    Layers whose rank a rank schedule cut are rebuilt at the checkpoint's rank first. With
+    `principal` (a PiSSA/OLoRA run, before any init ran), each saved [A; A0], [B, −B0] is split
+    again: A0, B0 go back into the base weight as the run's start did (`start_from_principal`, the
+    same fp32 arithmetic on the same numbers, so the base is bit-for-bit the run's) and A, B
+    are the trained factors.
+    """
+    weights = read_adapter_weights(checkpoint)
+    for name, layer in lora_layers(model).items():
+        key_a, key_b = f"{PREFIX}{name}.lora_A.weight", f"{PREFIX}{name}.lora_B.weight"
+        if key_a not in weights or key_b not in weights:
+            continue  # load_adapter_weights names the missing key
+        A, B = weights[key_a], weights[key_b]
+        if principal:
+            r = A.shape[0] // 2
+            start_from_principal(layer, A[r:], -B[:, r:])
+        elif A.shape[0] != layer.rank:
+            set_lora_factors(layer, A, B)
+    load_adapter_weights(model, plan, weights, str(checkpoint))
 
 
 def _labels_from_head(weights: dict[str, torch.Tensor], modules_to_save: list[str]) -> list[str] | None:
@@ -212,6 +340,8 @@ def load_adapter_model(directory: Path, base: str | None = None):
 
     Returns (model, tokenizer, spec). `base` overrides the base model recorded in the adapter.
     """
+    from lorafit.models import load_model, load_tokenizer, resolve_model  # transformers' model code: seconds to import
+
     spec = read_adapter_spec(directory)
     weights = read_adapter_weights(directory)
     trust = bool(spec.meta.get("trust_remote_code", False))
@@ -231,7 +361,8 @@ def load_adapter_model(directory: Path, base: str | None = None):
                            f"(random at every load) and the adapter does not save it; train the adapter again, or "
                            f"pass --base with a checkpoint that has it")
     plan = add_lora(model, spec.rank, spec.alpha, resolve_peft_targets(model, spec.target_modules),
-                    dropout=spec.dropout, use_rslora=spec.use_rslora, required_modules=saved)
+                    dropout=spec.dropout, use_rslora=spec.use_rslora, required_modules=saved,
+                    rank_pattern=spec.rank_pattern, alpha_pattern=spec.alpha_pattern)
     load_adapter_weights(model, plan, weights, str(directory))
     model.eval()
     return model, tokenizer, spec

@@ -7,6 +7,7 @@ User errors (`LorafitError`) are handled here, once: a one-line message on stder
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shlex
@@ -195,6 +196,101 @@ def plot(
     from lorafit.report import plot_training
 
     console.print(f"plot in {plot_training(run_dir, output)}")
+
+
+AdapterArg = Annotated[Path, typer.Argument(help="An adapter directory (lorafit's or PEFT's) or a run directory.",
+                                            show_default=False)]
+RankOpt = Annotated[int | None, typer.Option("--rank", help="The same rank for every module (modules already at or "
+                                                            "below it are kept as they are).", show_default=False)]
+EnergyOpt = Annotated[float | None, typer.Option("--energy", help="Per module, the smallest rank that keeps this "
+                                                                  "share of ‖ΔW‖_F², e.g. 0.9.", show_default=False)]
+
+
+@app.command()
+@user_errors
+def inspect(
+    adapter: AdapterArg,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON, singular values included.")] = False,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Also draw the spectra as a PNG here.")] = None,
+) -> None:
+    """Per module: rank, ‖ΔW‖_F, singular values, effective rank, ranks for 90%/99% of the energy, stable rank."""
+    from lorafit.adapter import find_adapter
+    from lorafit.spectrum import adapter_spectra, plot_spectra, spectra_json, spectra_table
+
+    spectra = adapter_spectra(adapter)
+    if as_json:
+        typer.echo(json.dumps(spectra_json(spectra, find_adapter(adapter)), indent=2))
+    else:
+        console.print(spectra_table(spectra, title=str(find_adapter(adapter))))
+    if plot_path is not None:
+        path = plot_spectra(spectra, plot_path, title=str(find_adapter(adapter)))
+        (Console(stderr=True) if as_json else console).print(f"spectra in {path}")
+
+
+def _sizes(before: int, after: int) -> str:
+    return f"{before:,} -> {after:,} ({100 * after / before:.1f}%)" if before else f"{before:,} -> {after:,}"
+
+
+@app.command()
+@user_errors
+def resize(
+    adapter: AdapterArg,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the resized adapter to.",
+                                         show_default=False)],
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
+    ratio: Annotated[float | None, typer.Option("--ratio", help="Keep the singular values of at least "
+                                                                "σ_max / RATIO, e.g. 10.", show_default=False)] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter directory.")] = False,
+) -> None:
+    """Cut an adapter's ranks by truncated SVD (the optimal truncation); no base model needed."""
+    from lorafit.lowrank import RankRule
+    from lorafit.resize import ranks_table, resize_adapter
+
+    result = resize_adapter(adapter, output, RankRule(rank=rank, energy=energy, ratio=ratio), overwrite=overwrite)
+    if result.above_rank:
+        console.print(f"--rank {rank} is above the rank of {len(result.above_rank)} modules (e.g. "
+                      f"{result.above_rank[0]}); they are kept as they are")
+    console.print(ranks_table(f"resized to {result.rule}", result.modules, result.energy_kept))
+    console.print(f"LoRA parameters {_sizes(result.lora_params_before, result.lora_params_after)}; "
+                  f"adapter file bytes {_sizes(result.bytes_before, result.bytes_after)}")
+    console.print(f"[bold green]done[/]: {100 * result.energy_kept:.2f}% of the update's energy kept; "
+                  f"adapter in {result.output}")
+
+
+@app.command()
+@user_errors
+def extract(
+    base: Annotated[str, typer.Option("--base", help="The base model (directory or hub id).", show_default=False)],
+    tuned: Annotated[str, typer.Option("--tuned", help="The fully fine-tuned model (directory or hub id).",
+                                       show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the adapter to.",
+                                         show_default=False)],
+    rank: RankOpt = None,
+    energy: EnergyOpt = None,
+    save_modules: Annotated[list[str] | None, typer.Option(
+        "--save-module", help="Also save this module in full (repeatable); a classifier's head always is.")] = None,
+    target_modules: Annotated[list[str] | None, typer.Option(
+        "--target-modules", help="Layers to adapt (repeatable; default: all-linear).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing adapter directory.")] = False,
+) -> None:
+    """Build a LoRA adapter from a fully fine-tuned model: the truncated SVD of W_tuned − W_base per linear layer."""
+    from lorafit.extract import extract_adapter
+    from lorafit.lowrank import RankRule
+    from lorafit.resize import ranks_table
+
+    _quiet_libraries()
+    targets = target_modules if target_modules and target_modules != ["all-linear"] else "all-linear"
+    result = extract_adapter(base, tuned, output, RankRule(rank=rank, energy=energy), save_modules=save_modules or [],
+                             target_modules=targets, overwrite=overwrite)
+    console.print(ranks_table(f"extracted at {result.rule}", result.modules, result.energy_kept, before="full rank"))
+    console.print(f"saved in full: {', '.join(result.saved_modules) or '-'}")
+    if result.unsaved_changes:
+        name, change = max(result.unsaved_changes.items(), key=lambda item: item[1])
+        console.print(f"[yellow]not in the adapter[/]: {len(result.unsaved_changes)} other tensors changed (the "
+                      f"largest change is {change:.3g} in {name}); add --save-module NAME to keep a module in full")
+    console.print(f"[bold green]done[/]: {100 * result.energy_kept:.2f}% of the difference's energy kept; "
+                  f"adapter in {result.output}")
 
 
 def normalize_args(args: list[str]) -> list[str]:

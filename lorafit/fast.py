@@ -25,8 +25,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
 MASK_BITS = 15
@@ -106,6 +104,11 @@ def use_fast_attention_dropout(model: nn.Module) -> bool:
     """Switch a model that uses SDPA attention to `sdpa_fast_dropout`; returns whether it did."""
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
         return False
+    # Imported here: they pull in transformers' model code (seconds), which commands that only read
+    # adapter files (lorafit inspect) never need.
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
     ALL_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_fast_dropout)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     model.set_attn_implementation(ATTENTION)

@@ -8,6 +8,7 @@ rank-limited `scaling · B @ A`. `scaling` is alpha/rank, or alpha/sqrt(rank) wi
 from __future__ import annotations
 
 import math
+import re
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorafit.errors import LorafitError
 from lorafit.fast import compute_dtype
+from lorafit.lowrank import PRINCIPAL_INITS, LoraFactors, alpha_for_scaling, lora_scaling, principal_factors
 
 # Output heads that "all-linear" never adapts, and that a classification model trains in full.
 HEAD_NAMES = ("lm_head", "classifier", "score")
@@ -36,13 +38,19 @@ class LoRALinear(nn.Module):
         self.fan_in_fan_out = isinstance(base, Conv1D)
         out_features, in_features = self.weight_shape(base)
         self.rank = rank
-        self.scaling = alpha / math.sqrt(rank) if use_rslora else alpha / rank
+        self.alpha = alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_scaling(alpha, rank, use_rslora)
         device = base.weight.device
         self.lora_A = nn.Linear(in_features, rank, bias=False, device=device)
         self.lora_B = nn.Linear(rank, out_features, bias=False, device=device)
         # No dropout module at all when p == 0: nothing to run, nothing to copy.
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        # PiSSA/OLoRA: the factors the layer started from, whose update `base` had taken out of its
+        # weight (see `start_from_principal`); None for a layer whose base is the original weight.
+        self.register_buffer("initial_A", None, persistent=False)
+        self.register_buffer("initial_B", None, persistent=False)
         self.reset_lora_parameters()
 
     @property
@@ -149,6 +157,18 @@ def matches(name: str, pattern: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+def pattern_value(patterns: dict[str, float], name: str, default: float) -> float:
+    """The value PEFT's `rank_pattern` / `alpha_pattern` give module `name`, else `default`.
+
+    PEFT's rule: each key is a regular expression that must match the end of the module name,
+    starting at its beginning or after a dot; the first key (in the mapping's order) that matches wins.
+    """
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
@@ -229,7 +249,8 @@ def find_modules_to_save(model: nn.Module, names: list[str]) -> list[str]:
 
 def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str] | str,
              dropout: float = 0.0, use_rslora: bool = False, modules_to_save: list[str] = (),
-             required_modules: list[str] = ()) -> LoraPlan:
+             required_modules: list[str] = (), rank_pattern: dict[str, int] | None = None,
+             alpha_pattern: dict[str, float] | None = None) -> LoraPlan:
     """Freeze `model`, wrap its target layers in `LoRALinear`, and unfreeze the modules trained in full.
 
     Two lists of modules are trained in full (and saved with the adapter): `modules_to_save`, the
@@ -237,6 +258,9 @@ def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str
     impose (modules the checkpoint lacks, and what PEFT wraps with the head). A LoRA target inside
     one of `modules_to_save` is an error; one inside a required module is left out of LoRA, as it
     trains in full anyway, and listed in the plan's `skipped_targets`.
+
+    Each layer gets `rank` and `alpha`, or the values `rank_pattern` / `alpha_pattern` give its
+    name (PEFT's keys and matching rule, see `pattern_value`).
 
     The model is changed in place. Raises `LorafitError` when a target matches nothing, a target
     pattern selects only layers inside required modules, a target is not a linear layer, or a
@@ -270,7 +294,8 @@ def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str
         if isinstance(base, LoRALinear) or any(isinstance(m, LoRALinear) for m in base.modules()):
             raise LorafitError(f"{name} already has LoRA; a layer can be adapted only once")
         fan_in_fan_out |= isinstance(base, Conv1D)
-        setattr(parent, child, LoRALinear(base, rank, alpha, dropout, use_rslora))
+        setattr(parent, child, LoRALinear(base, int(pattern_value(rank_pattern or {}, name, rank)),
+                                          pattern_value(alpha_pattern or {}, name, alpha), dropout, use_rslora))
     for name in saved:
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
@@ -286,6 +311,97 @@ def add_lora(model: nn.Module, rank: int, alpha: float, target_modules: list[str
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def set_lora_factors(layer: LoRALinear, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Give `layer` new trainable factors A (r, in) and B (out, r) of any rank r, keeping its scaling
+    (its alpha follows the rank). The parameters are new objects: an optimizer holding the old
+    ones must be told (see `rank_schedule.swap_parameters`)."""
+    device = layer.lora_A.weight.device
+    layer.lora_A.weight = nn.Parameter(A.detach().to(device, torch.float32).contiguous())
+    layer.lora_B.weight = nn.Parameter(B.detach().to(device, torch.float32).contiguous())
+    layer.lora_A.out_features = layer.lora_B.in_features = A.shape[0]
+    layer.rank = A.shape[0]
+    layer.alpha = alpha_for_scaling(layer.scaling, layer.rank, layer.use_rslora)
+
+
+def saved_factors(layer: LoRALinear) -> LoraFactors:
+    """The update `layer` makes to the weight it was created on, as a plain LoRA adapter stores it.
+
+    A plain layer: its own factors. A layer started by PiSSA/OLoRA, whose base holds
+    W − s·B0·A0: the update to W is s·(B·A − B0·A0) = s·[B, −B0]·[A; A0], a plain LoRA of rank 2r
+    at the same scaling, so PEFT, vLLM and `lorafit merge` use it on the unmodified base model.
+    """
+    A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
+    if layer.initial_A is None:
+        return LoraFactors(A, B, layer.alpha, layer.use_rslora)
+    A, B = torch.cat([A, layer.initial_A]), torch.cat([B, -layer.initial_B], dim=1)
+    return LoraFactors(A, B, alpha_for_scaling(layer.scaling, A.shape[0], layer.use_rslora), layer.use_rslora)
+
+
+def weight_out_in(layer: LoRALinear) -> torch.Tensor:
+    """The base weight as (out_features, in_features), whatever the layer type stores."""
+    weight = layer.base.weight
+    return weight.T if layer.fan_in_fan_out else weight
+
+
+@torch.no_grad()
+def start_from_principal(layer: LoRALinear, A0: torch.Tensor, B0: torch.Tensor) -> None:
+    """Start `layer` at factors (A0, B0) taken out of its base weight: base becomes W − s·B0·A0,
+    computed in fp32 and cast once to W's dtype, so the layer's output is unchanged."""
+    weight = layer.base.weight
+    residual = weight_out_in(layer).float() - layer.scaling * (B0.float() @ A0.float())
+    weight.data = (residual.T if layer.fan_in_fan_out else residual).to(weight.dtype).contiguous()
+    layer.lora_A.weight.data = A0.to(layer.lora_A.weight).clone()
+    layer.lora_B.weight.data = B0.to(layer.lora_B.weight).clone()
+    layer.initial_A, layer.initial_B = A0.float().clone(), B0.float().clone()
+
+
+LORA_INITS = ("default", "gaussian", *PRINCIPAL_INITS)
+
+
+def check_principal_init(model: nn.Module, method: str) -> None:
+    """Refuse PiSSA/OLoRA on weights it cannot rewrite: quantized (non-float) ones, tied ones
+    (shared with another module, e.g. an LM head tied to the embeddings: taking the principal
+    part out of one would change the other), and layers whose rank exceeds min(out, in)."""
+    counts: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        counts[id(param)] = counts.get(id(param), 0) + 1
+    for name, layer in lora_layers(model).items():
+        weight = layer.base.weight
+        if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise LorafitError(f"lora.init: {method} rewrites the base weights, but {name}.weight is {weight.dtype} "
+                               f"(quantized); load the model in float32/float16/bfloat16 or use lora.init: default")
+        if counts.get(id(weight), 1) > 1:
+            raise LorafitError(f"lora.init: {method} cannot start {name}: its weight is tied to another module "
+                               f"(shared with the embeddings?), which would change too; leave it out of "
+                               f"lora.target_modules or use lora.init: default")
+        if layer.rank > min(weight.shape):
+            raise LorafitError(f"lora.init: {method} needs a rank of at most min(out, in) = {min(weight.shape)} "
+                               f"for {name}, but its rank is {layer.rank}")
+
+
+@torch.no_grad()
+def init_lora(model: nn.Module, method: str, iters: int | None = None) -> None:
+    """Initialize every LoRA layer of `model` (after `add_lora`, before training).
+
+    default: A Kaiming-uniform, B zero (what `LoRALinear` does); gaussian: A ~ N(0, 1/r²), B zero;
+    pissa / olora: A0, B0 from the principal part of each base weight (its top-r SVD, or its first
+    r QR columns; `iters` picks a randomized SVD for pissa), taken out of the base weight (see
+    `start_from_principal`). Raises `LorafitError` for weights PiSSA/OLoRA cannot rewrite.
+    """
+    layers = lora_layers(model)
+    if method == "gaussian":
+        for layer in layers.values():
+            nn.init.normal_(layer.lora_A.weight, std=1 / layer.rank)
+            nn.init.zeros_(layer.lora_B.weight)
+    elif method in PRINCIPAL_INITS:
+        check_principal_init(model, method)
+        for layer in layers.values():
+            A0, B0 = principal_factors(weight_out_in(layer), layer.rank, layer.scaling, method, iters)
+            start_from_principal(layer, A0, B0)
+    elif method != "default":
+        raise LorafitError(f"lora.init: {method!r} is not one of {', '.join(LORA_INITS)}")
 
 
 def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float,

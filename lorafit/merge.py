@@ -76,23 +76,25 @@ def merge_tolerance(dtype: str, reference_logits: torch.Tensor) -> float:
     return RELATIVE_TOLERANCE[dtype] * scale
 
 
-def check_output_dir(output: Path, adapter_dir: Path, overwrite: bool) -> None:
+def check_output_dir(output: Path, adapter_dir: Path | None, overwrite: bool, holds: str = "model",
+                     marker: str = "config.json") -> None:
     """Refuse an output directory that holds other files (unless `overwrite`), or the adapter itself.
 
-    With `overwrite`, only a directory that already holds a model (config.json) is replaced, so a
-    mistyped `--output .` cannot wipe a folder of other things.
+    With `overwrite`, only a directory that already holds a `holds` (its file `marker`) is
+    replaced, so a mistyped `--output .` cannot wipe a folder of other things.
     """
-    output, adapter_dir = Path(output), Path(adapter_dir)
-    resolved, adapter = output.resolve(), adapter_dir.resolve()
-    if resolved == adapter or resolved in adapter.parents:
-        raise LorafitError(f"--output {output} would replace the adapter {adapter_dir}; choose another directory")
+    output = Path(output)
+    if adapter_dir is not None:
+        resolved, adapter = output.resolve(), Path(adapter_dir).resolve()
+        if resolved == adapter or resolved in adapter.parents:
+            raise LorafitError(f"--output {output} would replace the adapter {adapter_dir}; choose another directory")
     if output.exists() and not output.is_dir():
         raise LorafitError(f"--output {output} is a file, not a directory")
     if output.is_dir() and any(output.iterdir()):
         if not overwrite:
             raise LorafitError(f"output directory {output} exists and is not empty; pass --overwrite to replace it")
-        if not (output / "config.json").is_file():
-            raise LorafitError(f"output directory {output} is not empty and holds no model (no config.json); "
+        if not (output / marker).is_file():
+            raise LorafitError(f"output directory {output} is not empty and holds no {holds} (no {marker}); "
                                f"refusing to replace it, choose another directory")
 
 

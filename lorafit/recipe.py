@@ -76,6 +76,20 @@ class LoraConfig:
     lacks (the task head), and the modules PEFT takes with the head (names ending in classifier or score)."""
     use_rslora: bool = False
     """Rank-stabilized LoRA: scale by alpha/sqrt(rank) instead of alpha/rank."""
+    init: Literal["default", "gaussian", "pissa", "olora"] = "default"
+    """How A and B start. default: A Kaiming-uniform, B zero; gaussian: A ~ N(0, 1/rank²), B zero; pissa: the
+    top-rank SVD of each base weight (its principal part) becomes A and B and the frozen base keeps the rest;
+    olora: the same with the first rank columns of a QR decomposition. pissa/olora adapters are saved as a
+    plain LoRA of twice the rank on the original base."""
+    init_iters: int | None = field(default=None, metadata=_rule(lambda v: v >= 0, "use an integer >= 0, or null"))
+    """pissa only: null computes the exact SVD; N a randomized SVD with N power iterations (fast on big models)."""
+    rank_schedule: dict[int, float] = field(
+        default_factory=dict,
+        metadata=_rule(lambda v: all(step > 0 and rank >= 1 for step, rank in v.items()),
+                       "give {step: mean rank} with steps > 0 and mean ranks >= 1, e.g. {600: 8, 1200: 4}"),
+    )
+    """{step: mean rank}: after each named optimizer step, truncate every module's update by SVD so that the
+    ranks add up to mean rank × the number of adapted modules, shared between modules by singular-value energy."""
 
 
 @dataclass
@@ -210,7 +224,8 @@ def _type_name(annotation: Any) -> str:
     if origin is list:
         return f"a list of {_type_name(typing.get_args(annotation)[0])}"
     if origin is dict:
-        return "a mapping"
+        args = typing.get_args(annotation)
+        return f"a mapping of {_type_name(args[0])} to {_type_name(args[1])}" if args else "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string", type(None): "null"}.get(
         annotation, str(annotation)
     )
@@ -234,7 +249,15 @@ def _coerce(value: Any, annotation: Any) -> tuple[bool, Any]:
         converted = [_coerce(v, item_type) for v in value]
         return all(ok for ok, _ in converted), [v for _, v in converted]
     if origin is dict:
-        return isinstance(value, dict), value
+        if not isinstance(value, dict):
+            return False, value
+        if not typing.get_args(annotation):
+            return True, value
+        key_type, value_type = typing.get_args(annotation)
+        # JSON (a recipe kept in lorafit.json) writes every key as a string: "600" stands for 600.
+        as_key = lambda k: int(k) if key_type is int and isinstance(k, str) and k.isdigit() else k  # noqa: E731
+        pairs = [(_coerce(as_key(k), key_type), _coerce(v, value_type)) for k, v in value.items()]
+        return all(k[0] and v[0] for k, v in pairs), {k[1]: v[1] for k, v in pairs}
     if annotation is type(None):
         return value is None, value
     if annotation is bool:
@@ -297,6 +320,20 @@ def _cross_checks(recipe: Recipe) -> list[str]:
         problems.append("data.prompt_column / data.completion_column: give both (prompt + completion data) or neither")
     if data.messages_column and data.prompt_column:
         problems.append("data.messages_column: chat data and prompt + completion data exclude each other; pick one")
+    lora = recipe.lora
+    if lora.init_iters is not None and lora.init != "pissa":
+        problems.append(f"lora.init_iters: only for lora.init: pissa (the init is {lora.init!r}); remove it")
+    if lora.rank_schedule:
+        steps = sorted(lora.rank_schedule)
+        ranks = [lora.rank_schedule[step] for step in steps]
+        if ranks[0] >= lora.rank or any(later >= earlier for earlier, later in zip(ranks, ranks[1:])):
+            problems.append(f"lora.rank_schedule: the mean ranks must fall, step after step, from below lora.rank "
+                            f"({lora.rank}); got {dict(zip(steps, ranks))}")
+        if lora.init in ("pissa", "olora"):
+            problems.append(f"lora.rank_schedule: cutting ranks and lora.init: {lora.init} exclude each other "
+                            f"(the cut would truncate the principal part too); pick one")
+        if recipe.train.max_steps is not None and steps[-1] > recipe.train.max_steps:
+            problems.append(f"lora.rank_schedule: step {steps[-1]} is past train.max_steps ({recipe.train.max_steps})")
     if recipe.model.task == "causal-lm" and recipe.train.label_smoothing:
         problems.append("train.label_smoothing: only for model.task: sequence-classification")
     if recipe.model.task == "sequence-classification":

@@ -28,8 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from lorafit import cache
-from lorafit.adapter import (AdapterSpec, load_adapter_weights, peft_modules_to_save, read_adapter_weights,
-                             save_adapter)
+from lorafit.adapter import AdapterSpec, load_checkpoint_adapter, peft_modules_to_save, save_adapter
 from lorafit.checkpoint import (check_resumable, find_checkpoint, load_training_state, prune_checkpoints,
                                 save_checkpoint, set_rng_state)
 from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_order, collate, default_pad_multiple,
@@ -40,9 +39,11 @@ from lorafit.fast import (store_frozen_weights, use_fast_attention_dropout, use_
                           use_fused_rms_norm)
 from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, tokenize_lm
 from lorafit.io import write_json
-from lorafit.lora import LoraPlan, add_lora, find_modules_to_save
+from lorafit.lora import LoraPlan, add_lora, find_modules_to_save, init_lora
+from lorafit.lowrank import PRINCIPAL_INITS
 from lorafit.models import load_model, load_tokenizer, model_max_length, resolve_model
 from lorafit.onednn import bound_onednn_caches
+from lorafit.rank_schedule import apply_rank_schedule
 from lorafit.recipe import LoraConfig, Recipe, dump_recipe
 from lorafit.report import plot_training, with_tensorboard
 from lorafit.unpad import use_unpadded_encoder
@@ -169,6 +170,12 @@ def plan_table(plan: LoraPlan, recipe: Recipe) -> Table:
     table.add_row("adapted layers", f"{len(plan.targets)} ({', '.join(layers)})")
     table.add_row("rank / alpha", f"{recipe.lora.rank} / {recipe.lora.alpha:g}"
                   + (" (rsLoRA)" if recipe.lora.use_rslora else ""))
+    if recipe.lora.init != "default":
+        table.add_row("init", recipe.lora.init + (" (saved as a plain LoRA of twice the rank)"
+                                                  if recipe.lora.init in PRINCIPAL_INITS else ""))
+    if recipe.lora.rank_schedule:
+        table.add_row("rank schedule", ", ".join(f"step {step}: mean rank {rank:g}"
+                                                 for step, rank in sorted(recipe.lora.rank_schedule.items())))
     table.add_row("trained in full", ", ".join(plan.modules_to_save) or "-")
     if plan.not_in_checkpoint:
         table.add_row("not in checkpoint", ", ".join(plan.not_in_checkpoint) + " (random at load: trained in full, "
@@ -210,8 +217,9 @@ def add_recipe_lora(model: torch.nn.Module, lora: LoraConfig, task: str, not_loa
     return plan
 
 
-def setup(recipe: Recipe, console: Console) -> Setup:
-    """Load data, the base model and its tokenizer; add LoRA. Nothing is written."""
+def setup(recipe: Recipe, console: Console, checkpoint: Path | None = None) -> Setup:
+    """Load data, the base model and its tokenizer; add LoRA, initialized as the recipe says or
+    loaded from `checkpoint` (to resume). Nothing is written."""
     seed_everything(recipe.seed)
     source = resolve_model(recipe.model.name, recipe.model.trust_remote_code)
     console.print(f"[bold]model[/] {recipe.model.name} from {source.note}")
@@ -226,6 +234,10 @@ def setup(recipe: Recipe, console: Console) -> Setup:
         raise LorafitError(f"data.max_length: {recipe.data.max_length} is above the model's limit of {limit} tokens; "
                            f"use at most {limit}")
     plan = add_recipe_lora(model, recipe.lora, recipe.model.task, not_loaded)
+    if checkpoint is None:
+        init_lora(model, recipe.lora.init, recipe.lora.init_iters)
+    else:
+        load_checkpoint_adapter(model, plan, checkpoint, principal=recipe.lora.init in PRINCIPAL_INITS)
     spec = AdapterSpec(
         base_model=recipe.model.name, task=recipe.model.task, rank=recipe.lora.rank, alpha=recipe.lora.alpha,
         dropout=recipe.lora.dropout, target_modules=recipe.lora.target_modules, modules_to_save=plan.modules_to_save,
@@ -327,13 +339,12 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
         state = load_training_state(checkpoint)
     elif not dry_run:
         prepare_output_dir(out, overwrite)
-    s = setup(recipe, console)
+    s = setup(recipe, console, checkpoint)
     console.print(plan_table(s.plan, recipe))
     if dry_run:
         console.print(dump_recipe(recipe), markup=False, highlight=False)
         return {}
     if checkpoint is not None:
-        load_adapter_weights(s.model, s.plan, read_adapter_weights(checkpoint), str(checkpoint))
         truncate_metrics(out / "metrics.jsonl", state["progress"]["step"])
         console.print(f"[bold]resuming[/] from {checkpoint} (step {state['progress']['step']})")
 
@@ -499,6 +510,8 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
                 window["samples"] += n_samples
                 window["tokens"] += n_tokens
                 progress_bar.update(task, advance=1, loss=f"{loss_sum:.4f}")
+                apply_rank_schedule(s.model, recipe.lora.rank_schedule, step, total_steps, optimizer, trainable,
+                                    console)
 
                 if step % cfg.log_every == 0 or step == total_steps:
                     now = time.perf_counter()
