@@ -18,10 +18,10 @@ from transformers import AutoConfig
 from transformers.pytorch_utils import Conv1D
 
 from lorafit.adapter import (CONFIG_FILE, PREFIX, AdapterSpec, adapter_config, adapter_meta, compact_targets,
-                             write_adapter_dir)
+                             peft_modules_to_save, write_adapter_dir)
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_directory, read_json
-from lorafit.lora import classification_head, find_modules_to_save, find_targets
+from lorafit.lora import find_modules_to_save, find_targets
 from lorafit.lowrank import LoraFactors, RankRule, energy_kept, truncated_factors
 from lorafit.merge import META_FILE, check_output_dir
 from lorafit.models import load_model, load_tokenizer, resolve_model
@@ -92,13 +92,14 @@ def extract_adapter(base: str, tuned: str, output: Path, rule: RankRule, save_mo
     task = tuned_task(config)
     labels = [config.id2label[i] for i in range(config.num_labels)] if task == "sequence-classification" else None
     tokenizer = load_tokenizer(tuned_source)
-    tuned_model = load_model(tuned_source, task, tokenizer, labels)
-    base_model = load_model(base_source, task, tokenizer, labels)
+    tuned_model, _ = load_model(tuned_source, task, tokenizer, labels)
+    base_model, base_lacks = load_model(base_source, task, tokenizer, labels)
     tuned_state, base_state = tuned_model.state_dict(), base_model.state_dict()
     check_same_shapes(base_state, tuned_state)
 
-    head = classification_head(tuned_model) if task == "sequence-classification" else None
-    saved = find_modules_to_save(tuned_model, [*([head] if head else []), *save_modules])
+    # Saved in full: the modules asked for, those the base checkpoint lacks (a task head), and what
+    # PEFT wraps with them (see `peft_modules_to_save`).
+    saved = peft_modules_to_save(tuned_model, find_modules_to_save(tuned_model, list(save_modules)) + base_lacks, task)
     targets = find_targets(tuned_model, target_modules, exclude=saved)
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, LoraFactors] = {}

@@ -44,7 +44,7 @@ def train_full(recipe: Recipe, directory: Path, steps: int | None, lr: float) ->
     source = resolve_model(recipe.model.name)
     data = load_classification_data(recipe.data, recipe.seed)
     tokenizer = load_tokenizer(source)
-    model = load_model(source, recipe.model.task, tokenizer, data.labels, dropout=recipe.model.dropout,
+    model, _ = load_model(source, recipe.model.task, tokenizer, data.labels, dropout=recipe.model.dropout,
                        attention_dropout=recipe.model.attention_dropout)
     train = tokenize(data.train, tokenizer, recipe.data.max_length, cache=recipe.data.cache)
     device = pick_device()

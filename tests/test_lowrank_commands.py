@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from lorafit.adapter import AdapterSpec, load_adapter_model, save_adapter
-from lorafit.lora import add_lora, classification_head, lora_layers
+from lorafit.lora import add_lora, lora_layers
 from lorafit.models import load_model, load_tokenizer, resolve_model
 
 peft = pytest.importorskip("peft")
@@ -30,8 +30,8 @@ def random_adapter(directory: Path, model_dir: Path, rank: int = 4, true_rank: i
     `true_rank` < rank zeroes B's last columns, so every ΔW has that rank while the factors keep `rank`.
     """
     source = resolve_model(str(model_dir))
-    model = load_model(source, "sequence-classification", load_tokenizer(source), LABELS)
-    head = classification_head(model)
+    model, _ = load_model(source, "sequence-classification", load_tokenizer(source), LABELS)
+    head = "classifier" if hasattr(model, "classifier") else "score"
     plan = add_lora(model, rank, 2.0 * rank, "all-linear", modules_to_save=[head], rank_pattern=rank_pattern)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -305,7 +305,7 @@ def test_extract_saves_the_modules_asked_for_and_reports_other_changes(tiny_mode
     result = run_cli("extract", "--base", tiny_models["bert"], "--tuned", tuned, "--rank", "1", "--output",
                      tmp_path / "b", "--save-module", "bert.embeddings.LayerNorm", "--target-modules", "query")
     assert result.exit_code == 0, result.output
-    assert "saved in full: classifier, bert.embeddings.LayerNorm" in result.stdout
+    assert "saved in full: bert.embeddings.LayerNorm, classifier" in result.stdout  # model order
     assert "1 other tensors changed (the largest change is 0.05 in bert.encoder.layer.0.attention.self.query.bias)" \
         in " ".join(result.stdout.split())
     weights = load_file(tmp_path / "b" / "adapter_model.safetensors")
