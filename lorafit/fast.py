@@ -10,7 +10,8 @@ output it keeps (tested against autograd).
   masks whenever dropout is on, and has no fast path for it on CPUs).
 - `store_frozen_weights`: frozen Linear weights kept in bf16 once, instead of autocast casting
   them again at every step; results are bit-identical under bf16 autocast.
-- `head_cross_entropy`: the LM head and its loss a chunk of rows at a time, its gradient formed
+- `head_cross_entropy`: the LM head (and the scaling or soft-capping a model's forward applies
+  to its logits, `LogitTransform`) and its loss a chunk of rows at a time, its gradient formed
   in the forward.
 - `use_fused_gated_mlp`: Llama-style MLPs keep two activations for the backward instead of three.
 - `use_fused_rms_norm`: under autocast, Llama-style RMSNorms hand their Linears the autocast copy
@@ -20,6 +21,7 @@ output it keeps (tested against autograd).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -286,31 +288,75 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+@dataclass(frozen=True)
+class LogitTransform:
+    """What a causal LM's forward does to its head's output before the loss: multiply by `scale`,
+    or divide by `divisor`, or soft-cap to ±`softcap` (`softcap * tanh(logits / softcap)`, as
+    Gemma 2 does). Each is written as the models write it, so that on the same tensor the result
+    has the same bits as the model's own (`lm.loss_path` checks this before using one).
+    """
+
+    scale: float | None = None
+    divisor: float | None = None
+    softcap: float | None = None
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divisor is not None:
+            logits = logits / self.divisor
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def slope(self, transformed: torch.Tensor) -> torch.Tensor | float:
+        """d(output)/d(input) elementwise, from the output (the tanh's derivative is 1 - tanh²)."""
+        slope = (self.scale or 1.0) / (self.divisor or 1.0)
+        if self.softcap is not None:
+            return (1.0 - (transformed / self.softcap).square()).mul_(slope)
+        return slope
+
+    def describe(self) -> str:
+        if self.scale is not None:
+            return f"logits × {self.scale:g}"
+        if self.divisor is not None:
+            return f"logits / {self.divisor:g}"
+        return f"logits soft-capped at {self.softcap:g}" if self.softcap is not None else "logits as they are"
+
+
 class _HeadCrossEntropy(torch.autograd.Function):
-    """sum_i CE(hidden_i · Wᵀ + b, target_i), computed `chunk` rows at a time, for a frozen head.
+    """sum_i CE(f(hidden_i · Wᵀ + b), target_i), computed `chunk` rows at a time, for a frozen head
+    and an elementwise `LogitTransform` f (None: none), which acts on the fp32 logits.
 
     Only the (chunk × vocabulary) logits of one chunk exist at any time. The loss is a sum of
     per-row terms, so its gradient with respect to `hidden` is known once each chunk's softmax is:
-    the forward forms (softmax - onehot) · W for the chunk right away and keeps only that (rows ×
-    hidden), and the backward scales it by the incoming gradient. No logits are kept or recomputed:
-    three head matmuls per chunk become two, and the (rows × vocabulary) fp32 logits, their softmax
-    and their gradient (about 1 GB for SmolLM2's 49k vocabulary at 8 × 256 tokens) never exist.
+    the forward forms (softmax - onehot) · f' · W for the chunk right away and keeps only that
+    (rows × hidden), and the backward scales it by the incoming gradient. No logits are kept or
+    recomputed: three head matmuls per chunk become two, and the (rows × vocabulary) fp32 logits,
+    their softmax and their gradient (about 1 GB for SmolLM2's 49k vocabulary at 8 × 256 tokens)
+    never exist.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype, with_grad: bool):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, dtype: torch.dtype, with_grad: bool,
+                transform: LogitTransform | None):
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if with_grad else None
         for start in range(0, hidden.shape[0], chunk):
             logits = F.linear(hidden[start:start + chunk].to(dtype), w, b).float()
+            if transform is not None:
+                logits = transform(logits)
             rows_targets = targets[start:start + chunk]
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, rows_targets[:, None]).squeeze(1)).sum()
             if with_grad:
+                slope = None if transform is None else transform.slope(logits)  # f', before the softmax overwrites f
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 probs[torch.arange(probs.shape[0], device=probs.device), rows_targets] -= 1.0
+                if slope is not None:
+                    probs.mul_(slope)
                 grad_hidden[start:start + chunk] = (probs.to(dtype) @ w).to(hidden.dtype)
         ctx.save_for_backward(grad_hidden)
         return total
@@ -318,22 +364,27 @@ class _HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None, None
+        return grad_hidden * grad_total.to(grad_hidden.dtype), None, None, None, None, None, None, None
 
 
-def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """Summed cross-entropy of `head(hidden)` against `targets` (rows of hidden, one target each).
+def head_cross_entropy(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int | None = None,
+                       transform: LogitTransform | None = None) -> torch.Tensor:
+    """Summed cross-entropy of `transform(head(hidden))` against `targets` (rows of hidden, one
+    target each); no `transform` means the head's logits as they are.
 
     `chunk` rows at a time; by default 256 on CPUs, where small chunks stay in cache (measured on
     SmolLM2, one run each: 256 rows ran 18% faster than 1,024, with 0.4 GB less peak RSS), and 2,048 on GPUs,
     where each chunk costs kernel launches.
 
-    Equal to `F.cross_entropy(head(hidden).float(), targets, reduction="sum")` (up to float
-    summation order) without materializing all the logits. Falls back to exactly that when the
-    head is not a plain frozen Linear (it trains, or carries LoRA).
+    Equal to `F.cross_entropy(transform(head(hidden).float()), targets, reduction="sum")` (up to
+    float summation order) without materializing all the logits. Falls back to exactly that when
+    the head is not a plain frozen Linear (it trains, carries LoRA, or is a subclass with its own
+    forward).
     """
     if type(head) is not nn.Linear or any(p.requires_grad for p in head.parameters()):
-        return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+        logits = head(hidden).float()
+        return F.cross_entropy(logits if transform is None else transform(logits), targets, reduction="sum")
     chunk = chunk or (256 if hidden.device.type == "cpu" else 2048)
     with_grad = torch.is_grad_enabled() and hidden.requires_grad
-    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, compute_dtype(hidden), with_grad)
+    return _HeadCrossEntropy.apply(hidden, head.weight, head.bias, targets, chunk, compute_dtype(hidden), with_grad,
+                                   transform)

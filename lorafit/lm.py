@@ -15,11 +15,12 @@ import json
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
 from lorafit.data import padded_width
 from lorafit.errors import LorafitError
-from lorafit.fast import head_cross_entropy
+from lorafit.fast import LogitTransform, head_cross_entropy
 
 IGNORE = -100
 
@@ -157,25 +158,129 @@ def right_padded(mask: torch.Tensor | None) -> bool:
     return mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
-def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed next-token cross-entropy over labelled positions.
+@dataclass(frozen=True)
+class LossPath:
+    """How `lm_loss` computes a causal LM's loss, as `probe_loss_path` proved it on a probe.
 
-    Runs the transformer body, then the LM head only at the positions that have a target, a chunk
-    of them at a time, so the (batch × length × vocabulary) logits are never materialized
-    (49k-vocabulary models would spend most of their time and memory there).
+    With a `body`, the loss is taken from `body(...).last_hidden_state`, the output embedding and
+    `transform` (what the model's forward does to the head's output; None: nothing), which give
+    the model's own logits. Without one, the model's own forward computes all the logits.
     """
-    body = model.get_submodule(model.base_model_prefix)
+
+    body: torch.nn.Module | None = field(repr=False)
+    transform: LogitTransform | None
+    note: str  # for the training log: which path, and why
+
+
+# Random logits put in place of the head's output while probing: large enough that soft-capping
+# (a cap of 30 bends a logit of 10 by 0.3) and any scale other than 1 show at once.
+PROBE_LOGIT_STD = 10.0
+
+
+def logit_transforms(config) -> list[LogitTransform]:
+    """What a forward might do to its head's output: each positive number the config keeps under a
+    key that names logits or the LM head (logit_scale, logits_scaling, final_logit_softcapping,
+    logits_soft_cap, lm_head_multiplier, ...) as a scale, a divisor or a soft cap. Candidates only:
+    the same key means a divisor in one model (Granite) and a scale in another (HyperCLOVAX), so
+    `probe_loss_path` keeps the one that gives the model's own logits, if any."""
+    values = sorted({float(v) for k, v in config.to_dict().items()
+                     if ("logit" in k or "lm_head" in k) and isinstance(v, (int, float)) and not isinstance(v, bool)
+                     and v > 0})
+    return [LogitTransform(**{kind: v}) for v in values for kind in ("scale", "divisor", "softcap")]
+
+
+def _fallback(reason: str) -> LossPath:
+    return LossPath(None, None, f"LM loss from the model's forward ({reason})")
+
+
+@torch.no_grad()
+def probe_loss_path(model) -> LossPath:
+    """Find out whether the loss can skip the model's forward, on random tokens in eval mode.
+
+    Runs the model's forward once, recording what its output embedding receives and putting
+    random logits Z in place of what it returns, then the body
+    (`model.get_submodule(model.base_model_prefix)`) alone. The fast path is taken only if the
+    head is called once, on the body's `last_hidden_state`, and the forward's logits are Z as it
+    is or one of `logit_transforms` of Z, bit for bit. Otherwise (logits rescaled some other way,
+    the head's input changed, vocabulary entries masked, a body that is not found or takes other
+    inputs) the loss comes from the model's forward. Autocast is off; the global RNG is untouched.
+    """
+    head = model.get_output_embeddings()
+    if head is None:
+        return _fallback("no output embedding")
+    generator = torch.Generator().manual_seed(0)
+    seen: list[torch.Tensor] = []
+    replaced: list[torch.Tensor] = []
+
+    def swap_logits(module, args, output):
+        seen.append(args[0])
+        replaced.append((torch.randn(output.shape, generator=generator) * PROBE_LOGIT_STD).to(output))
+        return replaced[-1]
+
+    was_training = model.training
+    model.eval()
+    hook = head.register_forward_hook(swap_logits)
+    try:
+        device = next(model.parameters()).device
+        inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (2, 8), generator=generator).to(device)}
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        with torch.autocast(device.type, enabled=False):
+            logits = model(**inputs, use_cache=False).logits
+            body = model.get_submodule(model.base_model_prefix)
+            hidden = body(**inputs, use_cache=False).last_hidden_state
+    except Exception as err:  # whatever the model, training goes on, by its own forward
+        message = str(err).splitlines()[0][:120] if str(err) else ""
+        return _fallback(f"the probe failed with {type(err).__name__}: {message}")
+    finally:
+        hook.remove()
+        model.train(was_training)
+    if len(seen) != 1:
+        return _fallback(f"its output embedding ran {len(seen)} times in one forward")
+    if seen[0].shape != hidden.shape or not torch.allclose(seen[0], hidden, rtol=1e-5, atol=1e-6):
+        return _fallback("its head does not read the body's last hidden state as it is")
+    for transform in [None, *logit_transforms(model.config)]:
+        expected = replaced[0] if transform is None else transform(replaced[0])
+        if expected.shape == logits.shape and torch.equal(expected.to(logits.dtype), logits):
+            if transform is None:
+                return LossPath(body, None, "chunked LM-head loss")
+            return LossPath(body, transform, f"chunked LM-head loss with the model's {transform.describe()}")
+    return _fallback("it changes the head's logits in a way the chunked loss does not reproduce")
+
+
+def loss_path(model) -> LossPath:
+    """The model's `LossPath`, probed on first use and kept on the model."""
+    path = getattr(model, "_lorafit_loss_path", None)
+    if path is None:
+        path = probe_loss_path(model)
+        model._lorafit_loss_path = path
+    return path
+
+
+def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over labelled positions, of the logits the model's own
+    forward gives (`model(**batch, labels=...).loss` times the number of targets).
+
+    Where `loss_path` proved it equal, runs the transformer body, then the LM head (and the
+    model's scaling or soft-capping of its logits) only at the positions that have a target, a
+    chunk of them at a time, so the (batch × length × vocabulary) logits are never materialized
+    (49k-vocabulary models would spend most of their time and memory there). Otherwise the model's
+    forward computes all the logits.
+    """
+    path = loss_path(model)
     kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
     if right_padded(kwargs.get("attention_mask")):
         # In a causal model a real token never sees the pad tokens that follow it, and its position
         # is the same either way, so the padding mask changes nothing that the loss reads. Without
         # it, attention runs its plain causal kernel: no (B, 1, T, T) mask built, saved or applied.
         del kwargs["attention_mask"]
-    hidden = body(**kwargs, use_cache=False).last_hidden_state  # (B, T, H)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE
+    if path.body is None:
+        logits = model(**kwargs, use_cache=False).logits  # (B, T, V)
+        return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+    hidden = path.body(**kwargs, use_cache=False).last_hidden_state  # (B, T, H)
     rows = hidden[:, :-1][keep]  # (N, H), N = labelled positions
-    return head_cross_entropy(rows, model.get_output_embeddings(), targets[keep])
+    return head_cross_entropy(rows, model.get_output_embeddings(), targets[keep], transform=path.transform)
 
 
 def tokenize_lm(examples: list[dict], tokenizer, max_length: int, fmt: str, use_chat_template: bool = True,

@@ -107,7 +107,7 @@ def probe_batch(tokenizer, max_length: int, texts: list[str] = PROBE_TEXTS) -> d
 def probe_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """fp32 logits of `model` on the probe batch: (texts, num_labels) for a classifier, and
     (real tokens, vocabulary) for a causal LM, whose padded positions are left out."""
-    logits = model(**batch).logits.float()
+    logits = model(**batch, use_cache=False).logits.float()  # no cache: some (RecurrentGemma, xLSTM) fail to build one
     return logits[batch["attention_mask"].bool()] if logits.ndim == 3 else logits
 
 

@@ -37,7 +37,7 @@ from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
 from lorafit.fast import (store_frozen_weights, use_fast_attention_dropout, use_fast_dropout, use_fused_gated_mlp,
                           use_fused_rms_norm)
-from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, tokenize_lm
+from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, loss_path, tokenize_lm
 from lorafit.io import write_json
 from lorafit.lora import LoraPlan, add_lora, find_modules_to_save, init_lora
 from lorafit.lowrank import PRINCIPAL_INITS
@@ -286,10 +286,12 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, 
     None of them changes the model's forward math: cheaper dropout masks, frozen weights stored in
     the autocast dtype (the same bits autocast would make at every step), the fused gated MLP and
     RMSNorm (whose backward works at bf16 precision), and the recipe's optional gradient
-    checkpointing and torch.compile.
+    checkpointing and torch.compile. A causal LM's loss path (`lm.loss_path`) is chosen here too.
     """
     notes = []
     model.to(device)
+    if recipe.model.task == "causal-lm":
+        notes.append(loss_path(model).note)  # probed here, in fp32, before frozen weights turn bf16 below
     if device.type == "cpu":
         use_fast_attention_dropout(model)  # SDPA as before, with cheap masks when attention dropout is on
         if use_fast_dropout(model):

@@ -163,6 +163,37 @@ def test_chunked_head_cross_entropy_matches_the_plain_loss(precision):
         torch.testing.assert_close(head_cross_entropy(hidden, head, targets, chunk=4), chunked.detach())
 
 
+@pytest.mark.parametrize("transform", [{"scale": 4.0}, {"divisor": 0.25}, {"softcap": 1.5}], ids=str)
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_chunked_head_cross_entropy_applies_the_models_logit_transform(transform, trainable_head):
+    """Loss and gradient of CE(transform(head(hidden))), chunked, against autograd through the
+    transform written as the models write it (Cohere, Granite, Gemma 2); a trainable head takes
+    the plain path, with the same transform."""
+    from lorafit.fast import LogitTransform, head_cross_entropy
+
+    torch.manual_seed(0)
+    head = nn.Linear(16, 50, bias=True).requires_grad_(trainable_head)
+    with torch.no_grad():
+        head.weight.mul_(8)  # logits of a few units, where the soft cap bends them
+    hidden = torch.randn(11, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (11,))
+    logits = head(hidden)
+    if "scale" in transform:
+        logits = logits * transform["scale"]
+    elif "divisor" in transform:
+        logits = logits / transform["divisor"]
+    else:
+        logits = torch.tanh(logits / transform["softcap"]) * transform["softcap"]
+    plain = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    (plain_grad,) = torch.autograd.grad(plain * 0.5, hidden)
+    chunked = head_cross_entropy(hidden, head, targets, chunk=4, transform=LogitTransform(**transform))
+    (chunked_grad,) = torch.autograd.grad(chunked * 0.5, hidden)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked_grad, plain_grad, rtol=1e-5, atol=1e-5)
+    untransformed = head_cross_entropy(hidden, head, targets, chunk=4)
+    assert abs(untransformed.item() - plain.item()) > 1.0  # the transform matters here
+
+
 @pytest.mark.parametrize("masking", ["padding", "causal"])
 def test_attention_dropout_uses_the_recorded_mask(masking, monkeypatch):
     import lorafit.fast as fast
