@@ -147,10 +147,12 @@ def rank_fields(ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, An
 def compact_targets(model: nn.Module, targets: list[str]) -> list[str]:
     """The shortest faithful `target_modules`: leaf names if they select exactly `targets`, else full names."""
     leaves = sorted({t.rsplit(".", 1)[-1] for t in targets})
-    # Name adapted layers as PEFT sees them: the wrapper's name, not `<name>.base`; skip lora_A/B.
-    linear = {n.removesuffix(".base") for n, m in model.named_modules()
-              if is_linear(m) and not n.endswith((".lora_A", ".lora_B"))}
-    selected = {n for n in linear if any(matches(n, leaf) for leaf in leaves)}
+    # Every module as PEFT sees the base model (the wrappers' insides are not there): PEFT and
+    # `find_targets` refuse a name that also selects a module LoRA cannot wrap, such as the "0" of
+    # a ModuleList of Linears, which also names decoder layer 0.
+    wrappers = lora_layers(model)
+    names = {n for n, _ in model.named_modules() if n and not is_inside(n.rpartition(".")[0], wrappers)}
+    selected = {n for n in names if any(matches(n, leaf) for leaf in leaves)}
     return leaves if selected == set(targets) else sorted(targets)
 
 
