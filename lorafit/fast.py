@@ -290,7 +290,7 @@ def use_fast_attention_dropout(model: nn.Module) -> SpeedUp:
                 speed_up.declined.setdefault(name, f"probe differs by {difference:.0e}")
     if not speed_up.declined:
         model.set_attn_implementation(ATTENTION)
-        speed_up.patched += dict.fromkeys(names.get(id(call[0]), "") for call in calls)
+        speed_up.patched = list(dict.fromkeys(names.get(id(call[0]), "") for call in calls))
     return speed_up
 
 

@@ -7,6 +7,9 @@ encoder's forward so that the hidden states are kept as (real tokens, hidden) ro
 own modules run on those rows, and attention runs one example at a time on its own rows, with no
 padding mask (through the model's attention function: SDPA, or lorafit's dropout-aware SDPA).
 
+It switches on only after a probe (`_encoder_mismatch`) has shown, on the encoder's own arguments
+for a padded batch, that both forwards give the same real-token outputs and gradients.
+
 For every real token the result is the same computation as the padded forward. Pad positions of
 `last_hidden_state` come out as zeros instead of values nothing should read (the pooler and the
 classification heads read real tokens only). Dropout draws its masks for the real tokens only,
