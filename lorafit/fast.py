@@ -16,21 +16,124 @@ output it keeps (tested against autograd).
 - `use_fused_gated_mlp`: Llama-style MLPs keep two activations for the backward instead of three.
 - `use_fused_rms_norm`: under autocast, Llama-style RMSNorms hand their Linears the autocast copy
   of their output and keep only that for the backward, not their fp32 input.
+
+Every patch of a model's code proves itself first: `probe` runs the model's own code and the patched
+code on the same random input and switches the patch on only where outputs and gradients agree;
+the `SpeedUp` it returns says, for the log, where it switched on and where it declined and why.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv
 from transformers.pytorch_utils import Conv1D
 
 MASK_BITS = 15
 MASK_LEVELS = 1 << MASK_BITS
+
+# ---------------------------------------------------------------- probes: a patch proves itself first
+
+# The relative difference a probe allows where the patched code does the same fp32 arithmetic in
+# another order (fused attention kernels, matmuls over fewer rows): rounding, about 1e-6 on the
+# tiny probes. A patch that computes something else differs by 1e-2 or more.
+ROUNDING = 1e-4
+
+
+@dataclass
+class SpeedUp:
+    """What switching on one speed-up did: the modules it patched, and those it declined (name -> why)."""
+
+    name: str
+    patched: list[str] = field(default_factory=list)
+    declined: dict[str, str] = field(default_factory=dict)
+
+    def note(self) -> str | None:
+        """The log's words for it, e.g. "fused gated MLP: off for model.layers.0.mlp and 1 more (probe
+        differs by 3e-02)"; None when the model has nothing it applies to."""
+        if not self.declined:
+            return self.name if self.patched else None
+        where, why = next(iter(self.declined.items()))
+        more = f" and {len(self.declined) - 1} more" if len(self.declined) > 1 else ""
+        state = f"on {len(self.patched)} of {len(self.patched) + len(self.declined)}, off" if self.patched else "off"
+        return f"{self.name}: {state} for {where or 'the model'}{more} ({why})"
+
+
+def probe_failed(error: Exception) -> str:
+    """Why a patch stays off when its probe raised: the model's code did not take the probe's input
+    the way the patch assumes."""
+    first_line = (str(error).splitlines() or [""])[0]
+    return f"probe failed with {type(error).__name__}: {first_line}"
+
+
+@contextmanager
+def probing(model: nn.Module) -> Iterator[None]:
+    """The conditions probes run in, all undone on exit: gradients on, every dropout off (eval mode),
+    the RNG forked and seeded (training draws the same numbers as it would without probes, and probes
+    the same inputs every run), and the trainable parameters moved off their values (a zero `lora_B`
+    would hide the LoRA branch from a probe)."""
+    device = next(model.parameters()).device
+    modes = [(module, module.training) for module in model.modules()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    kept = [p.detach().clone() for p in trainable]
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.enable_grad():
+            torch.manual_seed(0)
+            with torch.no_grad():
+                for p in trainable:
+                    p.add_(0.1 * torch.randn_like(p))
+            model.eval()
+            yield
+    finally:
+        with torch.no_grad():
+            for p, value in zip(trainable, kept):
+                p.copy_(value)
+        for module, mode in modes:
+            module.training = mode
+
+
+def relative_difference(got: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |got - expected| / max |expected|: 0.0 only when they are equal, nan when either is not finite."""
+    got, expected = got.detach().float(), expected.detach().float()
+    error = (got - expected).abs().max() if got.numel() else torch.zeros(())
+    scale = expected.abs().max() if expected.numel() else torch.ones(())
+    return (error / scale.clamp_min(torch.finfo(torch.float32).tiny)).item()
+
+
+def probe(reference: Callable, candidate: Callable, inputs: list[torch.Tensor], params: list[torch.Tensor]) -> float:
+    """The largest relative difference between `reference(*inputs)` and `candidate(*inputs)` (each
+    returns one tensor) and between their gradients of one random cotangent with respect to the
+    floating-point inputs and `params` (say, the LoRA factors inside). 0.0 means bit for bit."""
+    results, cotangent = [], None
+    for function in (reference, candidate):
+        leaves = [x.detach().requires_grad_() if x.is_floating_point() else x for x in inputs]
+        out = function(*leaves)
+        if cotangent is None:
+            cotangent = torch.randn_like(out)
+        wrt = [x for x in leaves if x.requires_grad] + list(params)
+        grads = torch.autograd.grad(out, wrt, cotangent, allow_unused=True)
+        results.append([out] + [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)])
+    return max(relative_difference(got, expected) for expected, got in zip(*results))
+
+
+def probe_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random token ids (2, 6) for a model-level probe, and an attention mask whose second row
+    ends in two pad positions (a third of its tokens)."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (2, 6), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    return ids, mask
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
 
 
 def drop_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
@@ -71,6 +174,18 @@ class FastDropout(nn.Dropout):
 
 
 ATTENTION = "lorafit_sdpa"
+# Attention arguments whose math `dropout_attention` does not do: a model passing any of them keeps SDPA.
+UNSUPPORTED_ATTENTION_ARGUMENTS = ("position_bias", "sliding_window", "softcap", "s_aux", "sinks")
+
+
+def attention_registries():
+    """transformers' registries of attention functions and of their mask builders. Imported where
+    used: they pull in transformers' model code (seconds), which commands that only read adapter
+    files (lorafit inspect) never need."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ALL_ATTENTION_FUNCTIONS, ALL_MASK_ATTENTION_FUNCTIONS
 
 
 def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -80,8 +195,16 @@ def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float 
     Without dropout (evaluation, or p = 0) this is transformers' SDPA itself, fused kernels and all.
     """
     if dropout == 0.0 or query.device.type != "cpu" or kwargs.get("position_bias") is not None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        sdpa = attention_registries()[0]["sdpa"]
+        return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                    **kwargs)
+    return dropout_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal), None
+
+
+def dropout_attention(module, query, key, value, attention_mask, dropout: float, scaling=None,
+                      is_causal=None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask) with `drop_mask` dropout, times v: (batch, length, heads, head_dim).
+    With `dropout` 0 nothing is dropped, which is how the probes compare it with SDPA."""
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
     q_length, kv_length = query.shape[2], key.shape[2]
@@ -99,22 +222,77 @@ def sdpa_fast_dropout(module, query, key, value, attention_mask, dropout: float 
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     probs = probs.masked_fill(drop_mask(probs.shape, dropout, probs.device), 0)
     output = torch.matmul(probs, value) * (1.0 / (1.0 - dropout))  # scaling the output is the cheaper pass
-    return output.transpose(1, 2).contiguous(), None
+    return output.transpose(1, 2).contiguous()
 
 
-def use_fast_attention_dropout(model: nn.Module) -> bool:
-    """Switch a model that uses SDPA attention to `sdpa_fast_dropout`; returns whether it did."""
+def _attention_calls(model: nn.Module) -> list[tuple]:
+    """(module, query, key, value, attention_mask, kwargs) of every attention-function call the model
+    makes in training mode on a probe batch, with a padding mask and without one. The model is back
+    on SDPA afterwards."""
+    functions, masks = attention_registries()
+    sdpa, calls = functions["sdpa"], []
+
+    def record(module, query, key, value, attention_mask, **kwargs):
+        calls.append((module, query, key, value, attention_mask, kwargs))
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    masks.register(ATTENTION, masks["sdpa"])
+    functions.register(ATTENTION, record)
+    try:
+        model.set_attn_implementation(ATTENTION)
+        model.train()  # so that the calls pass their dropout rates
+        ids, mask = probe_batch(model)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids)  # causal or full attention without a mask
+    finally:
+        functions.register(ATTENTION, sdpa_fast_dropout)
+        model.set_attn_implementation("sdpa")
+    return calls
+
+
+def use_fast_attention_dropout(model: nn.Module) -> SpeedUp:
+    """Switch a model whose SDPA attention drops out to `sdpa_fast_dropout`, once a probe has shown,
+    for every attention call of a probe batch, that it goes through transformers' attention
+    functions, passes no argument `dropout_attention` ignores, and that `dropout_attention` with
+    nothing dropped gives SDPA's output and q/k/v gradients (the attention function has no
+    parameters; LoRA's gradients come through q, k and v). Its masks are random and differ from
+    torch's, so they are tested apart. Models without attention dropout keep SDPA: the fast
+    function would hand every call on to it."""
+    speed_up = SpeedUp("fast attention dropout")
     if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return False
-    # Imported here: they pull in transformers' model code (seconds), which commands that only read
-    # adapter files (lorafit inspect) never need.
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    ALL_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_fast_dropout)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    model.set_attn_implementation(ATTENTION)
-    return True
+        return speed_up
+    sdpa = attention_registries()[0]["sdpa"]
+    names = {id(module): name for name, module in model.named_modules()}
+    with probing(model):
+        try:
+            calls = _attention_calls(model)
+        except Exception as error:  # a model this probe cannot drive keeps its attention
+            speed_up.declined[""] = probe_failed(error)
+            return speed_up
+        if not calls:
+            speed_up.declined[""] = "its attention does not call transformers' attention functions"
+            return speed_up
+        if not any(kwargs.get("dropout", 0.0) > 0 for *_, kwargs in calls):
+            return speed_up
+        for module, query, key, value, attention_mask, kwargs in calls:
+            name = names.get(id(module), type(module).__name__)
+            unsupported = [k for k in UNSUPPORTED_ATTENTION_ARGUMENTS if kwargs.get(k) is not None]
+            if unsupported:
+                speed_up.declined.setdefault(name, f"attention passes {unsupported[0]}")
+                continue
+            rest = {k: v for k, v in kwargs.items() if k != "dropout"}
+            scaling, is_causal = rest.get("scaling"), rest.get("is_causal")
+            difference = probe(
+                lambda q, k, v: sdpa(module, q, k, v, attention_mask, dropout=0.0, **rest)[0],
+                lambda q, k, v: dropout_attention(module, q, k, v, attention_mask, 0.0, scaling, is_causal),
+                [query, key, value], [])
+            if not difference <= ROUNDING:
+                speed_up.declined.setdefault(name, f"probe differs by {difference:.0e}")
+    if not speed_up.declined:
+        model.set_attn_implementation(ATTENTION)
+        speed_up.patched = list(dict.fromkeys(names.get(id(call[0]), "") for call in calls))
+    return speed_up
 
 
 def use_fast_dropout(model: nn.Module) -> int:
@@ -183,17 +361,40 @@ def _gated_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(silu_mul(self.gate_proj(x), self.up_proj(x)))
 
 
-def use_fused_gated_mlp(model: nn.Module) -> int:
-    """Give every Llama-style gated MLP (gate_proj, up_proj, down_proj, SiLU) the `silu_mul`
-    forward; returns how many. The forward is the same computation; the backward saves less."""
-    patched = 0
-    for module in model.modules():
-        if (type(module).__name__.endswith("MLP")
-                and all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
-                and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")):
-            module.forward = _gated_mlp_forward.__get__(module)
-            patched += 1
-    return patched
+def in_features(module: nn.Module) -> int:
+    """The input width of a Linear, or of the Linear inside a wrapper (a LoRA layer)."""
+    return next(m for m in module.modules() if isinstance(m, nn.Linear)).in_features
+
+
+def use_fused_gated_mlp(model: nn.Module, dtype: torch.dtype = torch.float32) -> SpeedUp:
+    """Give Llama-style gated MLPs (gate_proj, up_proj, down_proj, a SiLU by name) the `silu_mul`
+    forward where a probe under autocast to `dtype` (none for fp32) shows that it gives the bits of
+    the module's own output and of its input and LoRA gradients. The forward is the same
+    computation; the backward saves less."""
+    speed_up = SpeedUp("fused gated MLP")
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if type(module).__name__.endswith("MLP")
+                  and all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
+                  and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")]
+    if not candidates:
+        return speed_up
+    device = next(model.parameters()).device
+    with probing(model), torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        for name, module in candidates:
+            x = torch.randn(2, 3, in_features(module.gate_proj), device=device)
+            try:
+                difference = probe(module, lambda h: _gated_mlp_forward(module, h), [x], trainable_parameters(module))
+            except Exception as error:  # not a (hidden) -> (hidden) MLP
+                speed_up.declined[name] = probe_failed(error)
+                continue
+            if difference == 0.0:
+                speed_up.patched.append(name)
+            else:
+                speed_up.declined[name] = f"probe differs by {difference:.0e}"
+    for name in speed_up.patched:
+        module = model.get_submodule(name)
+        module.forward = _gated_mlp_forward.__get__(module)
+    return speed_up
 
 
 # ---------------------------------------------------------------- RMSNorm into the autocast dtype
@@ -241,24 +442,29 @@ def _fused_rms_norm_forward(self, x: torch.Tensor) -> torch.Tensor:
 LLAMA_STYLE_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "Qwen3DecoderLayer")
 
 
-def _same_rms_norm(norm: nn.Module) -> bool:
-    """Whether `_RMSNorm` can stand in for `norm`: a frozen fp32 weight with no zeros, an epsilon,
-    and the same bf16 output as the module's own forward on a random input."""
+def _rms_norm_mismatch(norm: nn.Module) -> str | None:
+    """Why `_RMSNorm` cannot stand in for `norm`, or None when it can: that takes a frozen fp32 weight
+    with no zeros, an epsilon, and the same bf16 output as the module's own forward on a random input."""
     weight, eps = getattr(norm, "weight", None), getattr(norm, "variance_epsilon", None)
-    if (not isinstance(weight, torch.Tensor) or weight.requires_grad or weight.dtype != torch.float32
-            or weight.dim() != 1 or not isinstance(eps, float) or bool((weight == 0).any())):
-        return False
+    if (not isinstance(weight, torch.Tensor) or weight.dtype != torch.float32 or weight.dim() != 1
+            or not isinstance(eps, float)):
+        return "not an RMSNorm with an fp32 weight and variance_epsilon"
+    if weight.requires_grad:
+        return "its weight trains"
+    if bool((weight == 0).any()):
+        return "its weight has zeros"
     x = 3 * torch.randn(2, 5, weight.shape[0], device=weight.device)
     with torch.no_grad():
         expected = norm(x).to(torch.bfloat16)
         got = _RMSNorm.apply(x, weight, eps, torch.bfloat16)
-    return torch.equal(expected, got)
+    difference = relative_difference(got, expected)
+    return None if difference == 0.0 else f"probe differs by {difference:.0e}"
 
 
-def use_fused_rms_norm(model: nn.Module) -> int:
+def use_fused_rms_norm(model: nn.Module) -> SpeedUp:
     """Give the RMSNorms of Llama-style decoder layers, and the final norm before the head, the
-    `_RMSNorm` forward for training under autocast; returns how many. Evaluation and fp32 training
-    run the model's own forward."""
+    `_RMSNorm` forward for training under autocast, where `_rms_norm_mismatch` finds nothing.
+    Evaluation and fp32 training run the model's own forward."""
     def llama_style(module) -> bool:
         return type(module).__name__ in LLAMA_STYLE_LAYERS
 
@@ -270,12 +476,17 @@ def use_fused_rms_norm(model: nn.Module) -> int:
             base = getattr(module, "model", None)
             if any(llama_style(layer) for layer in getattr(base, "layers", ())):
                 norms.append(base.norm)  # the final norm, read only by the head
-    patched = 0
-    for norm in norms:
-        if _same_rms_norm(norm):
-            norm.forward = _fused_rms_norm_forward.__get__(norm)
-            patched += 1
-    return patched
+    speed_up = SpeedUp("fused RMSNorm")
+    names = {id(module): name for name, module in model.named_modules()}
+    with probing(model):
+        for norm in norms:
+            mismatch = _rms_norm_mismatch(norm)
+            if mismatch is None:
+                norm.forward = _fused_rms_norm_forward.__get__(norm)
+                speed_up.patched.append(names[id(norm)])
+            else:
+                speed_up.declined[names[id(norm)]] = mismatch
+    return speed_up
 
 
 # ---------------------------------------------------------------- LM head + cross-entropy in chunks

@@ -19,7 +19,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorafit.errors import LorafitError
-from lorafit.fast import compute_dtype
+from lorafit.fast import SpeedUp, compute_dtype, probe, probing
 from lorafit.lowrank import PRINCIPAL_INITS, LoraFactors, alpha_for_scaling, lora_scaling, principal_factors
 
 # Output heads that "all-linear" never adapts, and that a classification model trains in full.
@@ -51,6 +51,7 @@ class LoRALinear(nn.Module):
         # weight (see `start_from_principal`); None for a layer whose base is the original weight.
         self.register_buffer("initial_A", None, persistent=False)
         self.register_buffer("initial_B", None, persistent=False)
+        self.share_autocast_copy = False  # set by `use_shared_autocast_copy` once its probe agrees
         self.reset_lora_parameters()
 
     @property
@@ -78,7 +79,7 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        copy = shared_autocast_copy(x) if isinstance(self.dropout, nn.Identity) else None
+        copy = shared_autocast_copy(x) if self.share_autocast_copy else None
         if copy is not None:
             down = _LoraDown.apply(x, self.lora_A.weight, copy)
         else:
@@ -135,6 +136,31 @@ class _LoraDown(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = (grad.reshape(-1, grad.shape[-1]).T @ copy.reshape(-1, copy.shape[-1])).to(weight.dtype)
         return grad_x, grad_w, None
+
+
+def use_shared_autocast_copy(model: nn.Module, dtype: torch.dtype) -> SpeedUp:
+    """Let the LoRA layers without dropout read `shared_autocast_copy` when training under autocast to
+    `dtype`, each once a probe shows that `_LoraDown` gives the bits of `lora_A(x)` under that
+    autocast: output and the gradients of x and of lora_A. Layers with dropout read their own
+    dropped-out input, so there is nothing to share."""
+    speed_up = SpeedUp("shared autocast copy")
+    if dtype == torch.float32:
+        return speed_up
+    device = next(model.parameters()).device
+    with probing(model), torch.autocast(device.type, dtype=dtype):
+        for name, layer in lora_layers(model).items():
+            if not isinstance(layer.dropout, nn.Identity):
+                continue
+            weight = layer.lora_A.weight
+            x = torch.randn(2, 3, weight.shape[1], device=device, dtype=weight.dtype)
+            difference = probe(layer.lora_A, lambda h: _LoraDown.apply(h, weight, shared_autocast_copy(h)), [x],
+                               [weight])
+            if difference == 0.0:
+                layer.share_autocast_copy = True
+                speed_up.patched.append(name)
+            else:
+                speed_up.declined[name] = f"probe differs by {difference:.0e}"
+    return speed_up
 
 
 @dataclass

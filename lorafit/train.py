@@ -35,11 +35,11 @@ from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_orde
                           load_classification_data, load_lm_data, split_source, steps_per_epoch, tokenize)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
-from lorafit.fast import (store_frozen_weights, use_fast_attention_dropout, use_fast_dropout, use_fused_gated_mlp,
-                          use_fused_rms_norm)
+from lorafit.fast import (SpeedUp, store_frozen_weights, use_fast_attention_dropout, use_fast_dropout,
+                          use_fused_gated_mlp, use_fused_rms_norm)
 from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, loss_path, tokenize_lm
 from lorafit.io import write_json
-from lorafit.lora import LoraPlan, add_lora, find_modules_to_save, init_lora
+from lorafit.lora import LoraPlan, add_lora, find_modules_to_save, init_lora, use_shared_autocast_copy
 from lorafit.lowrank import PRINCIPAL_INITS
 from lorafit.models import load_model, load_tokenizer, model_max_length, resolve_model
 from lorafit.onednn import bound_onednn_caches
@@ -286,24 +286,31 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, 
     None of them changes the model's forward math: cheaper dropout masks, frozen weights stored in
     the autocast dtype (the same bits autocast would make at every step), the fused gated MLP and
     RMSNorm (whose backward works at bf16 precision), and the recipe's optional gradient
-    checkpointing and torch.compile. A causal LM's loss path (`lm.loss_path`) is chosen here too.
+    checkpointing and torch.compile. Each patch of the model's code switches on only where its
+    probe agrees with the model's own (`fast.probe`); where one declines, the notes say where and why.
+    A causal LM's loss path (`lm.loss_path`) is chosen here too.
     """
     notes = []
+
+    def note(speed_up: SpeedUp) -> None:
+        if speed_up.note():
+            notes.append(speed_up.note())
+
     model.to(device)
     if recipe.model.task == "causal-lm":
         notes.append(loss_path(model).note)  # probed here, in fp32, before frozen weights turn bf16 below
     if device.type == "cpu":
-        use_fast_attention_dropout(model)  # SDPA as before, with cheap masks when attention dropout is on
+        note(use_fast_attention_dropout(model))
         if use_fast_dropout(model):
             notes.append("fast dropout")
-        if not recipe.train.gradient_checkpointing and use_unpadded_encoder(model):
-            notes.append("unpadded encoder")
+        if not recipe.train.gradient_checkpointing:
+            note(use_unpadded_encoder(model))
     if dtype != torch.float32 and store_frozen_weights(model, dtype):
         notes.append("frozen weights in bf16")
-    if use_fused_gated_mlp(model):
-        notes.append("fused gated MLP")
-    if dtype != torch.float32 and use_fused_rms_norm(model):
-        notes.append("fused RMSNorm")
+    note(use_fused_gated_mlp(model, dtype))
+    if dtype != torch.float32:
+        note(use_fused_rms_norm(model))
+        note(use_shared_autocast_copy(model, dtype))
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         notes.append("gradient checkpointing")

@@ -3,14 +3,19 @@ the base-dropout override, gradient checkpointing."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
-from conftest import make_tokenizer, tiny_lm
+from conftest import make_tokenizer, read_metrics, tiny_lm, toy_recipe
+from rich.console import Console
 from torch import nn
 
 from lorafit.fast import FastDropout, drop_mask, store_frozen_weights, use_fast_dropout
-from lorafit.lora import add_lora
+from lorafit.lora import add_lora, lora_layers
 from lorafit.models import ModelSource, load_model
+from lorafit.recipe import recipe_from_dict
+from lorafit.train import train
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.03])
@@ -123,20 +128,34 @@ def tiny_llama_with_lora():
     return model
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    def grads(checkpointing: bool) -> dict[str, torch.Tensor]:
-        model = tiny_llama_with_lora()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3]])
-        model(input_ids=ids, labels=ids).loss.backward()
-        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+def test_gradient_checkpointing_recomputes_every_layer_and_keeps_the_losses(tiny_models, toy_data, tmp_path,
+                                                                           monkeypatch):
+    """train.gradient_checkpointing through `train`: each decoder layer's attention runs again in the
+    backward (counted with gradients on, so evaluation does not count; the layer's own forward is
+    where transformers puts the checkpoint, so it is left as it is), and the losses are those of the
+    run without it, with the fused MLP, RMSNorm and shared copy on under bf16."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
 
-    plain, checkpointed = grads(False), grads(True)
-    assert plain.keys() == checkpointed.keys() and len(plain) > 0
-    for name in plain:
-        torch.testing.assert_close(plain[name], checkpointed[name], rtol=1e-5, atol=1e-6)
+    forward, calls = LlamaAttention.forward, []
+
+    def counted(self, *args, **kwargs):
+        calls.append(torch.is_grad_enabled())
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaAttention, "forward", counted)
+    runs = {}
+    for checkpointing in (False, True):
+        calls.clear()
+        out = tmp_path / f"checkpointing-{checkpointing}"
+        raw = toy_recipe(tiny_models["llama"], toy_data, out, train={
+            "max_steps": 4, "log_every": 1, "precision": "bf16", "gradient_checkpointing": checkpointing})
+        train(recipe_from_dict(raw), console=Console(quiet=True))
+        runs[checkpointing] = [m["loss"] for m in read_metrics(out) if "split" not in m], sum(calls)
+    (losses, forwards), (checkpointed_losses, checkpointed_forwards) = runs[False], runs[True]
+    assert forwards == 4 * 2  # 4 steps x 2 layers
+    assert checkpointed_forwards == 2 * forwards  # and each again in the backward
+    assert len(losses) == 4
+    assert checkpointed_losses == pytest.approx(losses, rel=1e-6)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -223,22 +242,70 @@ def test_attention_dropout_uses_the_recorded_mask(masking, monkeypatch):
     torch.testing.assert_close(plain, (probs @ v).transpose(1, 2))
 
 
-def test_fast_attention_dropout_switch_keeps_eval_outputs(tiny_models):
-    from lorafit.fast import use_fast_attention_dropout
+@pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
+def test_fast_attention_dropout_is_what_runs_and_equals_sdpa_with_nothing_dropped(kind, tiny_models, monkeypatch):
+    """Hidden dropout off, attention dropout 0.1. In training every attention call goes through
+    lorafit's function and draws one mask per layer at the model's rate; with those masks forced
+    empty, logits and LoRA gradients are SDPA's with its output scaled by 1/(1 - p), which is what a
+    dropout that keeps everything computes. Real masks drop at rate p and repeat under one seed."""
+    import lorafit.fast as fast
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    model, _ = load_model(ModelSource("bert", str(tiny_models["bert"])), "sequence-classification", make_tokenizer(),
-                          ["a", "b", "c"])
-    model.eval()
+    model, _ = load_model(ModelSource(kind, str(tiny_models[kind])), "sequence-classification", make_tokenizer(),
+                          ["a", "b", "c"], dropout=0.0, attention_dropout=0.1)
+    add_lora(model, 4, 8, "all-linear", modules_to_save=["classifier" if kind == "bert" else "score"])
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.1)
+    reference = copy.deepcopy(model)
+    speed_up = fast.use_fast_attention_dropout(model)
+    assert speed_up.note() == "fast attention dropout" and len(speed_up.patched) == 2
+    assert ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation] is fast.sdpa_fast_dropout
+
+    def keep_everything(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return out / (1 - dropout), None
+
+    ALL_ATTENTION_FUNCTIONS.register("keep_everything", keep_everything)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("keep_everything", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    reference.set_attn_implementation("keep_everything")
+
     ids = torch.tensor([[2, 5, 7, 9, 11, 6], [2, 8, 10, 3, 0, 0]])
-    before = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
-    assert use_fast_attention_dropout(model)
-    assert torch.equal(model(input_ids=ids, attention_mask=(ids != 0).long()).logits, before)
-    model.train()  # attention dropout 0.1 now goes through the fast path
+    cotangent = torch.randn(2, 3)
+
+    def run(m):
+        m.train()
+        logits = m(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        (logits * cotangent).sum().backward()
+        return logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+
+    rates = []
+    real_drop_mask = fast.drop_mask
+    monkeypatch.setattr(fast, "drop_mask", lambda shape, p, device: rates.append(p) or torch.zeros(
+        shape, dtype=torch.bool, device=device))
+    logits, grads = run(reference)
+    assert rates == []
+    fast_logits, fast_grads = run(model)
+    assert rates == [0.1, 0.1]  # one mask per layer: the fast path ran
+    torch.testing.assert_close(fast_logits, logits, rtol=1e-5, atol=1e-6)
+    assert fast_grads.keys() == grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(fast_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+    masks = []
+    monkeypatch.setattr(fast, "drop_mask", lambda *args: masks.append(real_drop_mask(*args)) or masks[-1])
+    many = torch.randint(5, 20, (8, 32))
     torch.manual_seed(0)
-    a = model(input_ids=ids, attention_mask=(ids != 0).long()).logits
+    dropped = model(input_ids=many).logits
     torch.manual_seed(0)
-    assert torch.equal(a, model(input_ids=ids, attention_mask=(ids != 0).long()).logits)
-    assert not torch.equal(a, before)
+    assert torch.equal(model(input_ids=many).logits, dropped)
+    assert len(masks) == 4 and masks[0].shape == (8, 2, 32, 32)
+    # 2 x 8 x 2 x 32 x 32 draws: the standard error of the rate is below 2e-3 (bidirectional for BERT,
+    # and a causal model's masked-out scores are dropped at the same rate).
+    assert abs(torch.cat([m.flatten() for m in masks[:2]]).float().mean().item() - 0.1) < 0.01
+    assert not torch.equal(model.eval()(input_ids=many).logits, dropped)
 
 
 def test_silu_mul_matches_autograd_in_value_and_gradient():
@@ -251,63 +318,45 @@ def test_silu_mul_matches_autograd_in_value_and_gradient():
     assert torch.equal(out, torch.nn.functional.silu(gate) * up)
 
 
-def test_fused_gated_mlp_gives_the_same_loss_and_gradients_and_saves_less():
-    from lorafit.fast import use_fused_gated_mlp
-
-    def run(fused: bool):
-        model = tiny_llama_with_lora()
-        patched = use_fused_gated_mlp(model) if fused else 0
-        model.train()
-        ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3], [2, 7, 7, 5, 9, 3, 0, 0]])
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return patched, loss.detach(), sum(saved), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-
-    _, loss, saved, grads = run(False)
-    patched, fused_loss, fused_saved, fused_grads = run(True)
-    assert patched == 2  # one MLP per layer of the tiny Llama
-    assert torch.equal(loss, fused_loss)
-    assert fused_saved < saved
-    for name in grads:
-        torch.testing.assert_close(grads[name], fused_grads[name], rtol=1e-5, atol=1e-6)
-
-
 def test_fused_gated_mlp_leaves_other_mlps_alone():
     from transformers import AutoModelForSequenceClassification
 
     from conftest import tiny_config
     from lorafit.fast import use_fused_gated_mlp
 
-    assert use_fused_gated_mlp(tiny_lm("gpt2")) == 0
-    assert use_fused_gated_mlp(AutoModelForSequenceClassification.from_config(tiny_config("bert"))) == 0
+    assert use_fused_gated_mlp(tiny_lm("gpt2")).note() is None
+    assert use_fused_gated_mlp(AutoModelForSequenceClassification.from_config(tiny_config("bert"))).note() is None
 
 
-@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_lora_layers_reading_one_input_share_its_autocast_copy(kind):
-    """Under bf16 autocast, LoRA layers without dropout that read the same tensor (q and v) keep
-    one bf16 copy of it for the backward, and compute exactly what they computed before."""
-    import lorafit.lora as lora_module
+    """Under bf16 autocast, LoRA layers without dropout that read the same tensor (q, k and v) keep
+    one bf16 copy of it for the backward once switched on, and compute exactly what they computed
+    before."""
+    from transformers import AutoModelForSequenceClassification
+
+    from conftest import tiny_config
+    from lorafit.lora import use_shared_autocast_copy
 
     def run(shared: bool):
-        model = tiny_lm(kind)
+        torch.manual_seed(0)
+        model = AutoModelForSequenceClassification.from_config(tiny_config(kind)) if kind == "bert" else tiny_lm(kind)
         add_lora(model, 4, 8, "all-linear")
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 nn.init.normal_(param, std=0.1)
+        if shared:
+            speed_up = use_shared_autocast_copy(model, torch.bfloat16)
+            assert speed_up.note() == "shared autocast copy" and len(speed_up.patched) == len(lora_layers(model))
         model.train()
         ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3], [2, 7, 7, 5, 9, 3, 6, 6]])
         saved = []
-        original = lora_module.shared_autocast_copy
-        if not shared:
-            lora_module.shared_autocast_copy = lambda x: None
-        try:
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-                with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                if kind == "bert":
+                    loss = model(input_ids=ids, labels=torch.tensor([0, 1])).loss
+                else:
                     loss = model(input_ids=ids, labels=ids).loss
-        finally:
-            lora_module.shared_autocast_copy = original
         loss.backward()
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
@@ -317,10 +366,10 @@ def test_lora_layers_reading_one_input_share_its_autocast_copy(kind):
     loss, saved, grads = run(False)
     shared_loss, shared_saved, shared_grads = run(True)
     assert torch.equal(loss, shared_loss)
-    if kind == "llama":  # q/k/v and gate/up read one tensor each; GPT-2 has one fused c_attn
-        assert shared_saved < saved
-    else:
+    if kind == "gpt2":  # one fused c_attn: nothing else reads its input
         assert shared_saved <= saved
+    else:  # q/k/v (and gate/up) read one tensor each
+        assert shared_saved < saved
     assert grads.keys() == shared_grads.keys() and len(grads) > 0
     for name in grads:
         torch.testing.assert_close(shared_grads[name], grads[name], rtol=0, atol=0)
@@ -358,7 +407,7 @@ def test_fused_rms_norm_in_a_model_keeps_the_loss_and_saves_less():
             if type(module).__name__ == "LlamaRMSNorm":
                 nn.init.normal_(module.weight, 1.0, 0.3)  # not all ones, so a mix-up would show
         store_frozen_weights(model, torch.bfloat16)
-        patched = use_fused_rms_norm(model) if fused else 0
+        patched = len(use_fused_rms_norm(model).patched) if fused else 0
         model.train()
         ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10, 3], [2, 7, 7, 5, 9, 3, 0, 0]])
         saved = []
@@ -389,15 +438,16 @@ def test_fused_rms_norm_leaves_other_models_and_zero_weights_alone():
     from conftest import tiny_config
     from lorafit.fast import use_fused_rms_norm
 
-    assert use_fused_rms_norm(tiny_lm("gpt2")) == 0
-    assert use_fused_rms_norm(AutoModelForSequenceClassification.from_config(tiny_config("bert"))) == 0
+    assert use_fused_rms_norm(tiny_lm("gpt2")).note() is None
+    assert use_fused_rms_norm(AutoModelForSequenceClassification.from_config(tiny_config("bert"))).note() is None
     model = tiny_lm("llama")
     model.requires_grad_(False)
     with torch.no_grad():
         model.model.layers[0].input_layernorm.weight[3] = 0.0  # the backward divides by the weight
-    assert use_fused_rms_norm(model) == 2 * 2
+    assert use_fused_rms_norm(model).note() == ("fused RMSNorm: on 4 of 5, off for model.layers.0.input_layernorm "
+                                                "(its weight has zeros)")
     model = tiny_lm("llama")  # weights that train keep the model's own norm
-    assert use_fused_rms_norm(model) == 0
+    assert use_fused_rms_norm(model).note() == "fused RMSNorm: off for model.norm and 4 more (its weight trains)"
 
 
 def test_onednn_caches_are_bounded_unless_the_environment_says_otherwise(monkeypatch):
