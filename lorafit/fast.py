@@ -123,12 +123,18 @@ def probe(reference: Callable, candidate: Callable, inputs: list[torch.Tensor], 
 
 
 def probe_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random token ids (2, 6) for a model-level probe, and an attention mask whose second row
-    ends in two pad positions (a third of its tokens)."""
+    """Random token ids (2, 6) for a model-level probe, and an attention mask whose second row ends
+    in two pad positions (a third of its tokens). Each row's last real token is the model's EOS and
+    no other token is: the sequence classifiers of BART and T5 read the hidden state there."""
     device = next(model.parameters()).device
-    ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (2, 6), device=device)
+    vocab = model.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (2, 6), device=device)
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
+    eos = getattr(model.config, "eos_token_id", None)
+    if isinstance(eos, int) and 0 <= eos < vocab:
+        ids[ids == eos] = (eos + 1) % vocab
+        ids[0, 5] = ids[1, 3] = eos
     return ids, mask
 
 
@@ -372,9 +378,10 @@ def use_fused_gated_mlp(model: nn.Module, dtype: torch.dtype = torch.float32) ->
     the module's own output and of its input and LoRA gradients. The forward is the same
     computation; the backward saves less."""
     speed_up = SpeedUp("fused gated MLP")
+    projections = ("gate_proj", "up_proj", "down_proj")
     candidates = [(name, module) for name, module in model.named_modules()
                   if type(module).__name__.endswith("MLP")
-                  and all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj"))
+                  and all(isinstance(getattr(module, n, None), nn.Module) for n in projections)
                   and type(getattr(module, "act_fn", None)).__name__ in ("SiLU", "SiLUActivation")]
     if not candidates:
         return speed_up

@@ -120,7 +120,8 @@ def _encoder_mismatch(model: nn.Module, encoder: nn.Module) -> str | None:
     of its LoRA factors, to within fp32 rounding (attention over padded rows and over rows of real
     tokens sums in another order)."""
     calls = []
-    hook = encoder.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    hook = encoder.register_forward_pre_hook(lambda module, args, kwargs: calls.append((args, kwargs)),
+                                             with_kwargs=True)
     try:
         ids, mask = probe_batch(model)
         with torch.no_grad():

@@ -48,7 +48,8 @@ def decoder(kind: str, **config) -> nn.Module:
 def test_speed_up_notes_say_what_switched_on_and_what_declined():
     assert SpeedUp("fused gated MLP").note() is None  # nothing it applies to
     assert SpeedUp("fused gated MLP", ["a.mlp", "b.mlp"]).note() == "fused gated MLP"
-    assert (SpeedUp("fused gated MLP", [], {"a.mlp": "probe differs by 3e-02", "b.mlp": "probe differs by 1e-01"}).note()
+    declined = {"a.mlp": "probe differs by 3e-02", "b.mlp": "probe differs by 1e-01"}
+    assert (SpeedUp("fused gated MLP", [], declined).note()
             == "fused gated MLP: off for a.mlp and 1 more (probe differs by 3e-02)")
     assert (SpeedUp("fused gated MLP", ["a.mlp"], {"b.mlp": "probe differs by 3e-02"}).note()
             == "fused gated MLP: on 1 of 2, off for b.mlp (probe differs by 3e-02)")
@@ -120,6 +121,23 @@ def test_fast_attention_dropout_declines_attention_it_does_not_compute():
     assert speed_up.patched == [] and model.config._attn_implementation == "sdpa"
     assert speed_up.note() == ("fast attention dropout: off for model.layers.0.self_attn and 1 more "
                                "(attention passes sliding_window)")
+
+
+def test_fast_attention_dropout_probes_encoder_decoder_classifiers():
+    """BART's classifier reads the hidden state at each row's EOS token, so the probe batch ends its
+    rows with one; its encoder, decoder and cross-attention calls are then probed and switched on."""
+    from transformers import BartConfig
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=40, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        dropout=0.0, attention_dropout=0.1, pad_token_id=0, bos_token_id=2, eos_token_id=4,
+                        decoder_start_token_id=2, num_labels=3)
+    model = with_lora(AutoModelForSequenceClassification.from_config(config), saved=["classification_head"])
+    speed_up = use_fast_attention_dropout(model)
+    assert speed_up.note() == "fast attention dropout"
+    assert speed_up.patched == ["model.encoder.layers.0.self_attn", "model.decoder.layers.0.self_attn",
+                                "model.decoder.layers.0.encoder_attn"]
 
 
 def test_fast_attention_dropout_declines_when_sdpa_computes_something_else(monkeypatch):
@@ -197,6 +215,22 @@ def test_unpadded_encoder_declines_encoders_that_compute_something_else():
     speed_up = use_unpadded_encoder(model)
     assert speed_up.patched == [] and "forward" not in vars(model.bert.encoder)
     assert speed_up.note().startswith("unpadded encoder: off for bert.encoder (probe differs by ")
+
+
+@pytest.mark.parametrize("model_type", ["esm", "xlm-roberta-xl", "roberta-prelayernorm"])
+def test_unpadded_encoder_declines_pre_norm_encoders(model_type):
+    """BERT's module names, but each layer normalizes before its attention (ESM also rotates q and k),
+    which the unpadded layer does not: before the probe, ESM and XLM-RoBERTa-XL trained on padded
+    batches with logits 0.025 off their own."""
+    from transformers import AutoConfig
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=40, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=64, pad_token_id=0, num_labels=3)
+    model = with_lora(AutoModelForSequenceClassification.from_config(config), ["query", "value"])
+    speed_up = use_unpadded_encoder(model)
+    assert speed_up.patched == []
+    assert speed_up.note().startswith(f"unpadded encoder: off for {model.base_model_prefix}.encoder (probe differs by ")
 
 
 # ---------------------------------------------------------------- shared autocast copy

@@ -140,7 +140,8 @@ def test_unpadded_encoder_runs_in_training_and_keeps_the_losses(tiny_models, toy
         train(recipe_from_dict(raw), console=Console(file=log, width=200))
         device_line = next(line for line in log.getvalue().splitlines() if line.startswith("device"))
         runs[unpadded] = [m["loss"] for m in read_metrics(out) if "split" not in m], sum(training_layers), device_line
-    (losses, steps_layers, device_line), (padded_losses, padded_steps_layers, padded_device_line) = runs[True], runs[False]
+    losses, steps_layers, device_line = runs[True]
+    padded_losses, padded_steps_layers, padded_device_line = runs[False]
     assert "unpadded encoder" in device_line and "unpadded encoder" not in padded_device_line
     assert steps_layers == 6 * 2 and padded_steps_layers == 0  # 6 steps x 2 layers
     assert len(losses) == 6
