@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
 from lorafit.data import padded_width
 from lorafit.errors import LorafitError
-from lorafit.fast import LogitTransform, head_cross_entropy
+from lorafit.fast import LogitTransform, head_cross_entropy, probe_failed
 
 IGNORE = -100
 
@@ -229,8 +229,7 @@ def probe_loss_path(model) -> LossPath:
             body = model.get_submodule(model.base_model_prefix)
             hidden = body(**inputs, use_cache=False).last_hidden_state
     except Exception as err:  # whatever the model, training goes on, by its own forward
-        message = str(err).splitlines()[0][:120] if str(err) else ""
-        return _fallback(f"the probe failed with {type(err).__name__}: {message}")
+        return _fallback(f"the {probe_failed(err)}")
     finally:
         hook.remove()
         model.train(was_training)
