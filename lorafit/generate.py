@@ -21,7 +21,7 @@ from lorafit.errors import LorafitError
 from lorafit.inference import CausalLM, load_causal_lm
 from lorafit.lm import has_chat_template, prompt_ids
 from lorafit.models import model_max_length
-from lorafit.train import autocast_for, pick_device, resolve_precision
+from lorafit.device import autocast_for, pick_device, resolve_precision
 
 
 class CallbackStreamer(TextStreamer):

@@ -31,7 +31,7 @@ from lorafit.lm import has_chat_template
 from lorafit.models import TASK_CLASSES, ModelSource, load_tokenizer, model_max_length
 from lorafit.recipe import DataConfig, Recipe, TrainConfig, load_recipe, recipe_from_dict
 from lorafit.report import metrics_table, plot_confusion
-from lorafit.train import autocast_for, pick_device, resolve_precision
+from lorafit.device import autocast_for, pick_device, resolve_precision
 
 RUN_RECIPE = "recipe.yaml"
 FALLBACK_MAX_LENGTH = 512

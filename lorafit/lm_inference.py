@@ -29,7 +29,7 @@ from lorafit.inference import CausalLM, EvalResult, default_report_path, eval_da
 from lorafit.io import write_json
 from lorafit.lm import IGNORE, encode_prompt_completion, has_chat_template, tokenize_lm
 from lorafit.models import model_max_length
-from lorafit.train import autocast_for, pick_device, resolve_precision
+from lorafit.device import autocast_for, pick_device, resolve_precision
 
 # Greedy completions may run this many tokens past the longest reference: room for the end token
 # and for a text spelled with more tokens than the reference's own tokenization. A completion that

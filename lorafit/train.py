@@ -16,7 +16,7 @@ import random
 import shutil
 import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from lorafit.checkpoint import (check_resumable, find_checkpoint, load_training_
                                 save_checkpoint, set_rng_state)
 from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_order, collate, default_pad_multiple,
                           load_classification_data, load_lm_data, split_source, steps_per_epoch, tokenize)
+from lorafit.device import autocast_for, pick_device, resolve_precision
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
 from lorafit.fast import (SpeedUp, store_frozen_weights, use_fast_attention_dropout, use_fast_dropout,
@@ -50,30 +51,6 @@ from lorafit.unpad import use_unpadded_encoder
 
 
 # ---------------------------------------------------------------- hardware
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes bf16 matmuls natively (Ampere+ GPUs; CPUs with AVX512-BF16 or AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
-    if precision == "fp32" or (precision == "auto" and not native_bf16(device)):
-        return torch.float32
-    return torch.bfloat16
-
-
-def autocast_for(device: torch.device, dtype: torch.dtype):
-    """A context-manager factory: bf16 autocast, or nothing for fp32."""
-    if dtype == torch.float32:
-        return nullcontext
-    return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
 def release_free_memory() -> None:

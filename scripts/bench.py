@@ -76,7 +76,7 @@ def worker_peft(task: str, steps: int, warmup: int, tuned: bool, model_name: str
 
     from lorafit.data import batch_order
     from lorafit.models import load_model, load_tokenizer, resolve_model
-    from lorafit.train import pick_device
+    from lorafit.device import pick_device
 
     recipe_path, targets, batch_size, max_length = TASKS[task]
     torch.manual_seed(0)
@@ -139,7 +139,8 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool, mode
     from rich.console import Console
 
     from lorafit.recipe import load_recipe
-    from lorafit.train import pick_device, train
+    from lorafit.device import pick_device
+    from lorafit.train import train
 
     recipe_path, targets, batch_size, max_length = TASKS[task]
     overrides = [f"train.max_steps={steps}", f"data.max_train_samples={steps * batch_size}",
@@ -221,7 +222,8 @@ def worker_tta_peft(eval_every: int, target: float, budget_s: float) -> dict:
     from lorafit.evaluate import evaluate
     from lorafit.models import load_model, load_tokenizer, resolve_model
     from lorafit.recipe import load_recipe
-    from lorafit.train import autocast_for, lr_lambda
+    from lorafit.device import autocast_for
+    from lorafit.train import lr_lambda
 
     recipe = load_recipe(ROOT / "configs/newsgroups.yaml")
     torch.manual_seed(recipe.seed)
@@ -299,7 +301,7 @@ def worker_peak(dtype: str) -> dict:
     """Matmul peak of this machine in `dtype`: the best of a few large square matmuls."""
     import torch
 
-    from lorafit.train import pick_device
+    from lorafit.device import pick_device
 
     device = pick_device()
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]

@@ -32,8 +32,8 @@ from lorafit.io import write_json
 from lorafit.lowrank import RankRule
 from lorafit.models import load_model, load_tokenizer, resolve_model
 from lorafit.recipe import Recipe, dump_recipe, load_recipe
-from lorafit.train import (autocast_for, build_optimizer, lr_lambda, pad_multiple, pick_device, prepare_model,
-                           resolve_precision, seed_everything)
+from lorafit.device import autocast_for, pick_device, resolve_precision
+from lorafit.train import build_optimizer, lr_lambda, pad_multiple, prepare_model, seed_everything
 
 
 def train_full(recipe: Recipe, directory: Path, steps: int | None, lr: float) -> int:

@@ -22,7 +22,8 @@ from lorafit.inference import load_causal_lm
 from lorafit.lora import add_lora, lora_layers
 from lorafit.models import load_model, load_tokenizer, resolve_model
 from lorafit.recipe import recipe_from_dict
-from lorafit.train import autocast_for, pick_device, resolve_precision, train
+from lorafit.device import autocast_for, pick_device, resolve_precision
+from lorafit.train import train
 
 peft = pytest.importorskip("peft")
 

@@ -16,7 +16,7 @@ from lorafit.adapter import load_adapter_model
 from lorafit.cli import app
 from lorafit.recipe import RecipeError, recipe_from_dict
 from lorafit.report import plot_confusion, plot_training, training_curves
-from lorafit.train import autocast_for, pick_device, resolve_precision
+from lorafit.device import autocast_for, pick_device, resolve_precision
 
 TEXTS = ["ball goal team the", "the orbit of a rocket", "disk chip driver"]
 
