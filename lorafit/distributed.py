@@ -1,0 +1,209 @@
+"""Several processes under torchrun: the process group, each rank's device and share of the work,
+and the collectives that make N ranks take the step one process with N times the batch would take.
+
+Plain functions over a `World` (this process's place in the job). Outside torchrun the world is
+`SINGLE` and every function here is a no-op or the identity, so the training loop calls them
+unconditionally.
+
+How the ranks stay in step:
+- batches: every rank draws the same global batch order (`data.batch_order` with the global batch
+  size) and takes its own contiguous share of each global batch (`rank_share`), so all ranks run
+  the same number of micro-batches and steps, and together they see exactly what one process sees;
+- loss: each rank's summed loss is divided by the global count of targets (`sum_over_ranks`), so the
+  summed gradients are the gradients of the global mean;
+- decisions (skip a non-finite step, stop on a signal) come from values reduced over all ranks,
+  so every rank decides the same;
+- writing: rank 0 alone writes files (`on_main`); the others wait in a collective that also carries
+  rank 0's failure, so no rank waits on one that has given up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from lorafit.data import batch_order
+from lorafit.errors import LorafitError
+
+T = TypeVar("T")
+
+# The variables torchrun sets for every worker (any launcher that sets them works the same).
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the job: its global `rank` of `size`, and its `local_rank` of the
+    `local_size` processes on this machine. `launched`: started by torchrun (even with size 1)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    launched: bool = False
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and prints."""
+        return self.rank == 0
+
+
+SINGLE = World()
+
+
+def world_from_env(env: Mapping[str, str] = os.environ) -> World:
+    """The world torchrun describes in `env`, or `SINGLE` when not under torchrun."""
+    if not all(name in env for name in LAUNCH_VARIABLES[:3]):
+        return SINGLE
+    size = int(env["WORLD_SIZE"])
+    return World(rank=int(env["RANK"]), size=size, local_rank=int(env["LOCAL_RANK"]),
+                 local_size=int(env.get("LOCAL_WORLD_SIZE", size)), launched=True)
+
+
+def active() -> bool:
+    """Whether a process group is running (collectives below do nothing without one)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def cpu_share(world: World) -> int:
+    """Threads for one rank on a CPU machine: the cores this process may use, split evenly among
+    the ranks on this machine (at least one), so that ranks do not fight over cores."""
+    return max(1, len(os.sched_getaffinity(0)) // world.local_size)
+
+
+def rank_device(world: World, device_type: str) -> torch.device:
+    """This rank's device: `cuda:LOCAL_RANK` on GPUs, or the CPU with `cpu_share` threads."""
+    if device_type == "cuda":
+        count = torch.cuda.device_count()
+        if world.local_rank >= count:
+            raise LorafitError(f"{world.local_size} processes on this machine but only {count} GPUs; "
+                               f"start at most {count} (--nproc {count})")
+        torch.cuda.set_device(world.local_rank)
+        return torch.device("cuda", world.local_rank)
+    torch.set_num_threads(cpu_share(world))
+    return torch.device("cpu")
+
+
+def start(world: World, device: torch.device, timeout_s: float) -> None:
+    """Start the process group for `world`: nccl on GPUs, gloo on CPUs. A collective that waits
+    longer than `timeout_s` (a rank died or hangs) fails instead of waiting for ever."""
+    if not world.launched or active():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+
+
+def stop() -> None:
+    """End the process group (at the end of a run, or when it fails)."""
+    if active():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- the work each rank does
+
+
+def rank_share(items: list[T], world: World) -> list[T]:
+    """This rank's contiguous share of `items`: ranks in order, sizes differing by at most one, so the
+    shares of all ranks are disjoint and cover `items`. Empty when there are fewer items than ranks."""
+    n = len(items)
+    return items[world.rank * n // world.size:(world.rank + 1) * n // world.size]
+
+
+def rank_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
+                 world: World) -> list[list[int]]:
+    """This rank's micro-batches of one epoch: its `rank_share` of every batch of the global order
+    (`data.batch_order` with batch `batch_size × world.size`). Every rank gets as many batches as
+    the global order has; a share may be empty in the epoch's last, short batch."""
+    batches = batch_order(lengths, batch_size * world.size, seed, epoch, group_by_length)
+    return [rank_share(batch, world) for batch in batches]
+
+
+def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """`values` summed element-wise over all ranks (in float64: counts stay exact). A NaN or inf on
+    any rank makes the sum non-finite on every rank, so decisions taken on it agree."""
+    if not active():
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def gather_objects(obj: Any, world: World) -> list[Any]:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not active():
+        return [obj]
+    gathered: list[Any] = [None] * world.size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def on_main(world: World, fn: Callable[..., T], *args, **kwargs) -> T:
+    """Run `fn` on rank 0 alone while the other ranks wait; every rank returns its result.
+
+    If `fn` fails on rank 0, it raises there and the other ranks raise a `LorafitError` naming the
+    failure, at once: the waiting collective carries the outcome, so no rank waits on a rank that
+    has given up.
+    """
+    if not active():
+        return fn(*args, **kwargs)
+    outcome: list[Any] = [None, None]  # (result, error message)
+    error: BaseException | None = None
+    if world.main:
+        try:
+            outcome[0] = fn(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the others learned of it
+            error = err
+            outcome = [None, f"{type(err).__name__}: {err}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[1] is not None:
+        raise LorafitError(f"rank 0 failed, so rank {world.rank} stops too: {outcome[1]}")
+    return outcome[0]
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def eval_share(lengths: list[int], world: World) -> list[int]:
+    """The examples (indices) this rank evaluates: every `world.size`-th of the split sorted by length,
+    so ranks get about the same number of tokens; together the shares cover the split exactly once,
+    whatever its size."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return order[world.rank::world.size]
+
+
+def gather_examples(indices: list[int], outputs: dict[str, torch.Tensor], n: int,
+                    world: World) -> dict[str, torch.Tensor]:
+    """Per-example outputs from all ranks, in the split's order, on every rank.
+
+    `outputs[name]` holds one row per example of `indices` (this rank's `eval_share`); the result
+    holds `n` rows, row i from whichever rank evaluated example i. An example evaluated by no rank,
+    or by two, is an error (it would change the metrics).
+    """
+    parts = gather_objects((indices, {k: v.cpu() for k, v in outputs.items()}), world)
+    seen = torch.zeros(n, dtype=torch.long)
+    merged: dict[str, torch.Tensor] = {}
+    for part_indices, part in parts:
+        rows = torch.tensor(part_indices, dtype=torch.long)
+        seen.index_add_(0, rows, torch.ones_like(rows))
+        for name, values in part.items():
+            if name not in merged:
+                merged[name] = values.new_zeros((n, *values.shape[1:]))
+            merged[name][rows] = values
+    if not bool((seen == 1).all()):
+        raise RuntimeError(f"sharded evaluation covered {int((seen == 0).sum())} examples never and "
+                           f"{int((seen > 1).sum())} more than once")
+    return merged
