@@ -28,7 +28,8 @@ STEP_DIR = re.compile(r"step-(\d+)")
 RESUME_SAFE = {"train.log_every", "train.eval_every", "train.save_every", "train.keep_checkpoints",
                "train.output_dir", "train.eval_batch_size", "train.loggers", "data.max_eval_samples",
                "data.test_split", "train.skip_nonfinite", "data.cache", "train.gradient_checkpointing",
-               "train.compile", "train.eval_splits", "train.pad_to_multiple_of"}
+               "train.compile", "train.eval_splits", "train.pad_to_multiple_of",
+               "train.collective_timeout_s"}
 
 
 def rng_state() -> dict[str, Any]:

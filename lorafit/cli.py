@@ -73,12 +73,23 @@ def train(
     resume: Annotated[str | None, typer.Option(
         "--resume", metavar="[CHECKPOINT]",
         help="Continue from the latest complete checkpoint in the output directory (no value), or from CHECKPOINT.")] = None,
+    nproc: Annotated[int | None, typer.Option(
+        "--nproc", help="Train on N processes of this machine, one per GPU (or sharing the CPU cores): "
+                        "starts torchrun's launcher.")] = None,
 ) -> None:
     """Fine-tune a model with LoRA as a recipe says; write the adapter, checkpoints and metrics."""
     from lorafit.recipe import load_recipe
     from lorafit.train import train as run_training
 
     overrides = list(overrides or [])
+    if nproc is not None:
+        from lorafit.device import pick_device
+        from lorafit.distributed import launch
+
+        args = ["train", str(recipe_path), *[arg for o in overrides for arg in ("--set", o)]]
+        args += ["--output-dir", str(output_dir)] if output_dir is not None else []
+        args += ["--overwrite"] * overwrite + ["--dry-run"] * dry_run + (["--resume", resume] if resume else [])
+        launch(nproc, args, pick_device().type)
     if output_dir is not None:
         overrides.append(f"train.output_dir={output_dir}")
     recipe = load_recipe(recipe_path, overrides)

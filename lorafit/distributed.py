@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -64,6 +65,55 @@ def world_from_env(env: Mapping[str, str] = os.environ) -> World:
     size = int(env["WORLD_SIZE"])
     return World(rank=int(env["RANK"]), size=size, local_rank=int(env["LOCAL_RANK"]),
                  local_size=int(env.get("LOCAL_WORLD_SIZE", size)), launched=True)
+
+
+def resolve_strategy(setting: str | None, world: World) -> str | None:
+    """The recipe's `train.distributed` for this process: None (one process), "ddp" or "fsdp".
+    Under torchrun null means ddp; outside torchrun a strategy is an error (there is no one to share with)."""
+    if world.launched:
+        return setting or "ddp"
+    if setting is not None:
+        raise LorafitError(f"train.distributed: {setting!r} needs several processes started by torchrun; launch "
+                           f"with `lorafit train RECIPE --nproc N` or `torchrun --nproc-per-node N -m lorafit train "
+                           f"RECIPE`, or set it to null to train in one process")
+    return None
+
+
+def available_devices(device_type: str) -> tuple[int, str]:
+    """How many ranks this machine can hold, and what they are: its GPUs, or else its CPU cores."""
+    if device_type == "cuda":
+        return torch.cuda.device_count(), "GPUs"
+    return len(os.sched_getaffinity(0)), "CPU cores"
+
+
+def launch(nproc: int, args: list[str], device_type: str) -> NoReturn:
+    """Replace this process by torchrun's launcher running `python -m lorafit ARGS` on `nproc` ranks
+    of this machine (`lorafit train RECIPE --nproc N`). Signals to this process then reach the launcher,
+    which passes them on to every rank."""
+    count, kind = available_devices(device_type)
+    if not 1 <= nproc <= count:
+        raise LorafitError(f"--nproc {nproc}: this machine has {count} {kind}; use 1 to {count}")
+    if world_from_env().launched:
+        raise LorafitError("--nproc starts torchrun itself; under torchrun leave it out")
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              f"--nproc-per-node={nproc}", "-m", "lorafit", *args])
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks, the units FSDP shards one at a time: the items of its largest
+    `ModuleList` (by parameters) whose items are all of one class. Empty when it has none."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+             and len({type(item) for item in m}) == 1]
+    if not lists:
+        return []
+    return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
+
+
+def check_strategy(strategy: str | None, model: torch.nn.Module) -> None:
+    """Refuse a strategy the loaded model cannot take (FSDP needs repeated blocks to shard)."""
+    if strategy == "fsdp" and not repeated_blocks(model):
+        raise LorafitError(f"train.distributed: fsdp shards a model block by block, and {type(model).__name__} has "
+                           f"no repeated blocks (no ModuleList of layers of one class); use ddp")
 
 
 def active() -> bool:

@@ -187,6 +187,13 @@ class TrainConfig:
     """Where the run writes its files; null means runs/<name>."""
     loggers: list[Literal["jsonl", "tensorboard"]] = field(default_factory=lambda: ["jsonl"])
     """Where metrics go: metrics.jsonl always; add "tensorboard" for event files in <output_dir>/tensorboard."""
+    distributed: Literal["ddp", "fsdp"] | None = None
+    """Under torchrun, how the ranks share the work: ddp (each rank holds the whole model and the
+    gradients of what trains are averaged; what null means under torchrun) or fsdp (each transformer
+    block's weights are sharded over the ranks, for models too large for one device). Without
+    torchrun it must stay null: one process."""
+    collective_timeout_s: int = field(default=600, metadata=_rule(lambda v: v > 0, "use a positive number of seconds"))
+    """Under torchrun: how long a rank waits for the others (a rank that died or hangs) before the job fails."""
 
 
 @dataclass

@@ -34,6 +34,7 @@ from lorafit.checkpoint import (check_resumable, find_checkpoint, load_training_
 from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_order, collate, default_pad_multiple,
                           load_classification_data, load_lm_data, split_source, steps_per_epoch, tokenize)
 from lorafit.device import autocast_for, pick_device, resolve_precision
+from lorafit.distributed import resolve_strategy, world_from_env
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.evaluate import evaluate, evaluate_lm
 from lorafit.fast import (SpeedUp, store_frozen_weights, use_fast_attention_dropout, use_fast_dropout,
@@ -315,6 +316,7 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     """
     if resume and overwrite:
         raise LorafitError("--resume continues a run and --overwrite replaces it; pass only one")
+    resolve_strategy(recipe.train.distributed, world_from_env())
     bound_onednn_caches()
     console = console or Console()
     out = recipe.output_dir

@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from conftest import toy_recipe, write_recipe
 
-from lorafit.distributed import SINGLE, World, eval_share, rank_batches, rank_share, world_from_env
+from lorafit.distributed import (SINGLE, World, check_strategy, eval_share, rank_batches, rank_share, repeated_blocks,
+                                 world_from_env)
+from lorafit.errors import LorafitError
 
 SCRIPTS = Path(__file__).parent / "distributed"
 REPO = Path(__file__).parent.parent
@@ -53,6 +57,45 @@ def test_single_process_batches_are_the_batch_order():
 
     lengths = [3, 9, 1, 7, 5]
     assert rank_batches(lengths, 2, 1, 0, True, SINGLE) == batch_order(lengths, 2, 1, 0, True)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_strategy_without_torchrun_is_refused(run_cli, tiny_models, toy_data, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", toy_recipe(tiny_models["bert"], toy_data, tmp_path / "run",
+                                                           train={"distributed": "ddp"}))
+    result = run_cli("train", recipe)
+    assert result.exit_code == 2
+    assert " ".join(result.stderr.split()) == (
+        "error: train.distributed: 'ddp' needs several processes started by torchrun; launch with `lorafit train "
+        "RECIPE --nproc N` or `torchrun --nproc-per-node N -m lorafit train RECIPE`, or set it to null to train in "
+        "one process")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_nproc_above_the_devices_is_refused(run_cli, tiny_models, toy_data, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", toy_recipe(tiny_models["bert"], toy_data, tmp_path / "run"))
+    cores = len(os.sched_getaffinity(0))
+    result = run_cli("train", recipe, "--nproc", cores + 1)
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: --nproc {cores + 1}: this machine has {cores} CPU cores; use 1 to {cores}"
+
+
+def test_fsdp_needs_repeated_blocks(tiny_models):
+    from transformers import AutoModelForSequenceClassification
+
+    for kind in ("bert", "gpt2", "llama"):
+        model = AutoModelForSequenceClassification.from_pretrained(tiny_models[kind])
+        blocks = repeated_blocks(model)
+        assert len(blocks) == 2 and len({type(b) for b in blocks}) == 1, kind  # the 2 layers of each
+        check_strategy("fsdp", model)
+    flat = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    check_strategy("ddp", flat)
+    with pytest.raises(LorafitError) as err:
+        check_strategy("fsdp", flat)
+    assert str(err.value) == ("train.distributed: fsdp shards a model block by block, and Sequential has no repeated "
+                              "blocks (no ModuleList of layers of one class); use ddp")
 
 
 # ---------------------------------------------------------------- two ranks under torchrun
