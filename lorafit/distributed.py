@@ -28,6 +28,7 @@ from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
 from lorafit.data import batch_order
 from lorafit.errors import LorafitError
@@ -222,6 +223,42 @@ def on_main(world: World, fn: Callable[..., T], *args, **kwargs) -> T:
     if outcome[1] is not None:
         raise LorafitError(f"rank 0 failed, so rank {world.rank} stops too: {outcome[1]}")
     return outcome[0]
+
+
+# ---------------------------------------------------------------- DDP
+
+
+class LossForward(torch.nn.Module):
+    """`loss(model, batch)` as a module's forward. DDP prepares its gradient reduction in its own
+    forward, so the whole loss must run inside it: a loss that calls parts of the model (the
+    causal-LM body, then the head at labelled positions) would otherwise bypass DDP, and its
+    gradients would stay unsynchronized."""
+
+    def __init__(self, model: torch.nn.Module, loss: Callable[[torch.nn.Module, dict], torch.Tensor]):
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.loss(self.model, batch)
+
+
+def wrap_ddp(model: torch.nn.Module, loss: Callable[[torch.nn.Module, dict], torch.Tensor],
+             device: torch.device) -> DistributedDataParallel:
+    """DDP over `loss` on `model`: calling the result with a batch returns `loss(model, batch)`, and
+    its backward averages the gradients of the trainable parameters over the ranks.
+
+    Only trainable parameters (LoRA factors, modules trained in full) go into gradient buckets or
+    the start-up broadcast from rank 0; the frozen base and the buffers are left out of both (every
+    rank loaded them from the same files). `model` itself is not copied: its parameters are the
+    ones DDP synchronizes, so it can be evaluated and saved as it is.
+    """
+    wrapped = LossForward(model, loss)
+    ignored = [name for name, p in wrapped.named_parameters() if not p.requires_grad]
+    ignored += [name for name, _ in wrapped.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapped, ignored)
+    return DistributedDataParallel(wrapped, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
 # ---------------------------------------------------------------- evaluation

@@ -152,3 +152,17 @@ def test_a_hung_rank_times_out(tmp_path):
     seen = json.loads((tmp_path / "rank-0.json").read_text())
     assert seen["error"] is not None
     assert seen["waited_s"] < 10  # the process group's timeout is 3 s; without one it would wait for ever
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_ddp_gradients_equal_one_process_with_the_whole_batch(tmp_path, micro_batches):
+    """Causal LM on its chunked-head loss path: 2 ranks × half of each micro-batch give the gradients
+    of one process on all of it, with or without accumulation (no_sync on all but the last)."""
+    done = torchrun("ddp_loss.py", str(tmp_path), str(micro_batches))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for seen in read_ranks(tmp_path):
+        assert seen["chunked_loss"]  # the fast path runs, inside DDP's forward
+        assert seen["targets"][0] == seen["targets"][1]  # the global count, on every rank
+        assert seen["max_grad"] > 1e-3
+        assert seen["max_grad_diff"] < 1e-6
+        assert seen["bucketed"] == seen["trainable"]  # the frozen base is in no gradient bucket
