@@ -52,13 +52,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(directory: Path, model, plan, spec, optimizer, scheduler, progress: dict[str, Any]) -> Path:
-    """Write adapter + training state atomically. `progress` holds the loop position (step, epoch, ...)."""
+def save_checkpoint(directory: Path, model, plan, spec, optimizer, scheduler, progress: dict[str, Any],
+                    rng_states: list[dict[str, Any]] | None = None) -> Path:
+    """Write adapter + training state atomically. `progress` holds the loop position (step, epoch, ...);
+    `rng_states` every rank's `rng_state()` in rank order (default: this one process's), whose
+    number is the run's world size."""
+    rng_states = rng_states or [rng_state()]
     with atomic_directory(directory) as tmp:
         write_adapter_files(tmp, model, plan, spec)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "progress": progress, "rng": rng_state()}, tmp / STATE_FILE)
-        write_json(tmp / "trainer_state.json", {k: progress[k] for k in ("step", "epoch", "batch_index")})
+                    "progress": progress, "rng": rng_states, "world_size": len(rng_states)}, tmp / STATE_FILE)
+        write_json(tmp / "trainer_state.json", {**{k: progress[k] for k in ("step", "epoch", "batch_index")},
+                                                "world_size": len(rng_states)})
     return Path(directory)
 
 
@@ -118,6 +123,22 @@ def check_resumable(checkpoint: Path, recipe: dict[str, Any]) -> None:
         details = ", ".join(f"{k} ({before.get(k)!r} -> {now.get(k)!r})" for k in changed[:4])
         raise LorafitError(f"cannot resume from {checkpoint}: the recipe changed: {details}; "
                            f"restore those values or start a new run")
+
+
+def check_world_size(state: dict[str, Any], checkpoint: Path, world_size: int) -> None:
+    """Refuse to resume a checkpoint's training `state` on another number of processes than wrote it:
+    the global batch, each rank's share of it and each rank's random stream all depend on it."""
+    saved = state.get("world_size", 1)
+    if saved != world_size:
+        how = "in one process (no --nproc)" if saved == 1 else f"on {saved} processes (--nproc {saved})"
+        raise LorafitError(f"cannot resume from {checkpoint}: it was written by {saved} process"
+                           f"{'es' if saved > 1 else ''} and this run has {world_size}; resume it {how}")
+
+
+def rank_rng_state(state: dict[str, Any], rank: int) -> dict[str, Any]:
+    """Rank `rank`'s RNG state in a checkpoint's training `state` (see `check_world_size`)."""
+    rng = state["rng"]
+    return rng[rank] if isinstance(rng, list) else rng  # a dict: written before checkpoints held every rank's
 
 
 def load_training_state(checkpoint: Path) -> dict[str, Any]:

@@ -29,8 +29,8 @@ from rich.table import Table
 
 from lorafit import cache
 from lorafit.adapter import AdapterSpec, load_checkpoint_adapter, peft_modules_to_save, save_adapter
-from lorafit.checkpoint import (check_resumable, find_checkpoint, load_training_state, prune_checkpoints,
-                                save_checkpoint, set_rng_state)
+from lorafit.checkpoint import (check_resumable, check_world_size, find_checkpoint, load_training_state,
+                                prune_checkpoints, rank_rng_state, save_checkpoint, set_rng_state)
 from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_order, collate, default_pad_multiple,
                           load_classification_data, load_lm_data, split_source, steps_per_epoch, tokenize)
 from lorafit.device import autocast_for, pick_device, resolve_precision
@@ -316,7 +316,8 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     """
     if resume and overwrite:
         raise LorafitError("--resume continues a run and --overwrite replaces it; pass only one")
-    resolve_strategy(recipe.train.distributed, world_from_env())
+    world = world_from_env()
+    resolve_strategy(recipe.train.distributed, world)
     bound_onednn_caches()
     console = console or Console()
     out = recipe.output_dir
@@ -325,6 +326,7 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
         checkpoint = find_checkpoint(out, resume)
         check_resumable(checkpoint, recipe.to_dict())
         state = load_training_state(checkpoint)
+        check_world_size(state, checkpoint, world.size)
     elif not dry_run:
         prepare_output_dir(out, overwrite)
     s = setup(recipe, console, checkpoint)
@@ -448,7 +450,7 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
     task = progress_bar.add_task("train", total=total_steps, completed=progress["step"], loss="-", rate="-")
     s.model.train()
     if state is not None:
-        set_rng_state(state["rng"])  # last, so nothing above consumes random numbers after it
+        set_rng_state(rank_rng_state(state, 0))  # last, so nothing above consumes random numbers after it
     start = time.perf_counter() - progress["elapsed_s"]
     window_start = time.perf_counter()
     if cfg.eval_at_start and state is None:

@@ -98,6 +98,21 @@ def test_fsdp_needs_repeated_blocks(tiny_models):
                               "blocks (no ModuleList of layers of one class); use ddp")
 
 
+def test_resume_on_another_world_size_is_refused(tmp_path):
+    from lorafit.checkpoint import check_world_size, rank_rng_state, rng_state
+
+    state = {"rng": [rng_state(), rng_state()], "world_size": 2}
+    check_world_size(state, tmp_path, 2)
+    assert rank_rng_state(state, 1) is state["rng"][1]
+    with pytest.raises(LorafitError) as err:
+        check_world_size(state, tmp_path, 1)
+    assert str(err.value) == (f"cannot resume from {tmp_path}: it was written by 2 processes and this run has 1; "
+                              f"resume it on 2 processes (--nproc 2)")
+    with pytest.raises(LorafitError) as err:
+        check_world_size({"rng": rng_state()}, tmp_path, 2)  # a checkpoint from before world sizes were kept
+    assert str(err.value).endswith("written by 1 process and this run has 2; resume it in one process (no --nproc)")
+
+
 # ---------------------------------------------------------------- two ranks under torchrun
 
 
