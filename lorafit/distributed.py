@@ -272,24 +272,21 @@ def eval_share(lengths: list[int], world: World) -> list[int]:
     return order[world.rank::world.size]
 
 
-def gather_examples(indices: list[int], outputs: dict[str, torch.Tensor], n: int,
-                    world: World) -> dict[str, torch.Tensor]:
-    """Per-example outputs from all ranks, in the split's order, on every rank.
+def merge_rows(parts: list[tuple[list[int], dict[str, torch.Tensor]]], n: int) -> dict[str, torch.Tensor]:
+    """Per-example outputs of all ranks (`gather_objects` of each rank's `(indices, outputs)`, where
+    `outputs[name]` holds one row per example of `indices`), as `n` rows in the split's order.
 
-    `outputs[name]` holds one row per example of `indices` (this rank's `eval_share`); the result
-    holds `n` rows, row i from whichever rank evaluated example i. An example evaluated by no rank,
-    or by two, is an error (it would change the metrics).
+    An example evaluated by no rank, or by two, is an error: it would change the metrics.
     """
-    parts = gather_objects((indices, {k: v.cpu() for k, v in outputs.items()}), world)
     seen = torch.zeros(n, dtype=torch.long)
     merged: dict[str, torch.Tensor] = {}
-    for part_indices, part in parts:
-        rows = torch.tensor(part_indices, dtype=torch.long)
+    for indices, outputs in parts:
+        rows = torch.tensor(indices, dtype=torch.long)
         seen.index_add_(0, rows, torch.ones_like(rows))
-        for name, values in part.items():
+        for name, values in outputs.items():
             if name not in merged:
                 merged[name] = values.new_zeros((n, *values.shape[1:]))
-            merged[name][rows] = values
+            merged[name][rows] = values.cpu()
     if not bool((seen == 1).all()):
         raise RuntimeError(f"sharded evaluation covered {int((seen == 0).sum())} examples never and "
                            f"{int((seen > 1).sum())} more than once")

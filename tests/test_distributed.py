@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import toy_recipe, write_recipe
 
-from lorafit.distributed import (SINGLE, World, check_strategy, eval_share, rank_batches, rank_share, repeated_blocks,
-                                 world_from_env)
+from lorafit.distributed import (SINGLE, World, check_strategy, eval_share, merge_rows, rank_batches, rank_share,
+                                 repeated_blocks, world_from_env)
 from lorafit.errors import LorafitError
 
 SCRIPTS = Path(__file__).parent / "distributed"
@@ -57,6 +57,15 @@ def test_single_process_batches_are_the_batch_order():
 
     lengths = [3, 9, 1, 7, 5]
     assert rank_batches(lengths, 2, 1, 0, True, SINGLE) == batch_order(lengths, 2, 1, 0, True)
+
+
+def test_merge_rows_refuses_gaps_and_overlaps():
+    rows = {"x": torch.tensor([1.0, 2.0])}
+    assert merge_rows([([2, 0], rows), ([1], {"x": torch.tensor([5.0])})], 3)["x"].tolist() == [2.0, 5.0, 1.0]
+    with pytest.raises(RuntimeError, match="covered 1 examples never and 0 more than once"):
+        merge_rows([([2, 0], rows)], 3)
+    with pytest.raises(RuntimeError, match="covered 0 examples never and 1 more than once"):
+        merge_rows([([1, 0], rows), ([1], {"x": torch.tensor([5.0])})], 2)
 
 
 # ---------------------------------------------------------------- bad input

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lorafit.data import batch_order
-from lorafit.distributed import (eval_share, gather_examples, gather_objects, on_main, rank_batches, rank_device,
+from lorafit.distributed import (eval_share, gather_objects, merge_rows, on_main, rank_batches, rank_device,
                                  start, stop, sum_over_ranks, world_from_env)
 from lorafit.errors import LorafitError
 
@@ -34,7 +34,7 @@ def collectives(world, device) -> dict:
     share = eval_share([4, 1, 6, 6, 2, 9, 3], world)
     outputs = {"score": torch.tensor([10.0 * i for i in share]),
                "pair": torch.tensor([[i, -i] for i in share], dtype=torch.long)}
-    merged = gather_examples(share, outputs, 7, world)
+    merged = merge_rows(gather_objects((share, outputs), world), 7)
     seen["eval_share"] = share
     seen["gathered"] = {k: v.tolist() for k, v in merged.items()}
     seen["objects"] = gather_objects({"rank": world.rank}, world)
