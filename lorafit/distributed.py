@@ -23,11 +23,15 @@ import datetime
 import os
 import sys
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from lorafit.data import batch_order
@@ -261,6 +265,54 @@ def wrap_ddp(model: torch.nn.Module, loss: Callable[[torch.nn.Module, dict], tor
                                    broadcast_buffers=False, gradient_as_bucket_view=True)
 
 
+def shard_fsdp(model: torch.nn.Module, loss: Callable[[torch.nn.Module, dict], torch.Tensor],
+               world: World) -> FSDPModule:
+    """FSDP2 over `loss` on `model`: each of its `repeated_blocks` is sharded over the ranks (frozen
+    weights and LoRA factors alike: FSDP2 shards parameter by parameter), then the rest, at the root
+    (`LossForward`), whose forward gathers what the loss reads outside the blocks. `model`'s
+    parameters become shards (DTensors); `full_parameters` gathers them back for saving."""
+    mesh = init_device_mesh(next(model.parameters()).device.type, (world.size,))
+    for block in repeated_blocks(model):
+        fully_shard(block, mesh=mesh)
+    return fully_shard(LossForward(model, loss), mesh=mesh)
+
+
+@contextmanager
+def accumulating(wrapped: torch.nn.Module):
+    """Around a micro-batch's forward and backward that is not the step's last: its gradients add up
+    on each rank, to be synchronized once, in the last micro-batch's backward (DDP's `no_sync`)."""
+    if isinstance(wrapped, DistributedDataParallel):
+        with wrapped.no_sync():
+            yield
+    elif isinstance(wrapped, FSDPModule):
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+@contextmanager
+def full_parameters(model: torch.nn.Module, names: Callable[[str, torch.nn.Parameter], bool]):
+    """Inside, `model`'s parameters that `names(name, param)` selects are whole tensors on every rank
+    (FSDP keeps shards): gathered on entry (a collective: every rank must enter), put back on exit.
+    Without FSDP, nothing changes. Used to save an adapter from a sharded model: every rank gathers
+    the (small) trainable tensors, rank 0 writes them."""
+    swapped = []
+    for module_name, module in model.named_modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if isinstance(param, DTensor) and names(f"{module_name}.{name}".lstrip("."), param):
+                module._parameters[name] = torch.nn.Parameter(param.full_tensor(), param.requires_grad)
+                swapped.append((module, name, param))
+    try:
+        yield
+    finally:
+        for module, name, param in swapped:
+            module._parameters[name] = param
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -270,6 +322,19 @@ def eval_share(lengths: list[int], world: World) -> list[int]:
     whatever its size."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     return order[world.rank::world.size]
+
+
+def evaluate_split(task, model: torch.nn.Module, split, batch_size: int, pad_id: int, device: torch.device,
+             autocast: Callable, world: World) -> dict[str, float]:
+    """`task.evaluate` on `split`, shared by the ranks: each evaluates its `eval_share`, and the shares
+    are reduced to the metrics of the whole split (`Task.reduce_eval`). A task that evaluates whole
+    splits only is run on all of it by every rank: the same metrics, without the speed-up."""
+    if world.size > 1:
+        share = task.evaluate_share(model, split, eval_share(split.lengths, world), batch_size, pad_id, device,
+                                    autocast)
+        if share is not None:
+            return task.reduce_eval(split, gather_objects(share, world))
+    return task.evaluate(model, split, batch_size, pad_id, device, autocast)
 
 
 def merge_rows(parts: list[tuple[list[int], dict[str, torch.Tensor]]], n: int) -> dict[str, torch.Tensor]:

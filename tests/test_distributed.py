@@ -178,15 +178,25 @@ def test_a_hung_rank_times_out(tmp_path):
     assert seen["waited_s"] < 10  # the process group's timeout is 3 s; without one it would wait for ever
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_ddp_gradients_equal_one_process_with_the_whole_batch(tmp_path, micro_batches):
+@pytest.mark.parametrize("strategy,micro_batches", [("ddp", 1), ("ddp", 2), ("fsdp", 2)])
+def test_sharing_ranks_give_the_gradients_of_one_process(tmp_path, strategy, micro_batches):
     """Causal LM on its chunked-head loss path: 2 ranks × half of each micro-batch give the gradients
-    of one process on all of it, with or without accumulation (no_sync on all but the last)."""
-    done = torchrun("ddp_loss.py", str(tmp_path), str(micro_batches))
+    of one process on all of it, with or without accumulation (no gradient sync on all but the last);
+    the adapter gathered from the ranks is the one process's, with no empty tensor."""
+    done = torchrun("ddp_loss.py", str(tmp_path), str(micro_batches), strategy)
     assert done.returncode == 0, done.stderr[-3000:]
     for seen in read_ranks(tmp_path):
-        assert seen["chunked_loss"]  # the fast path runs, inside DDP's forward
+        assert seen["chunked_loss"]  # the fast path runs, inside the wrapper's forward
         assert seen["targets"][0] == seen["targets"][1]  # the global count, on every rank
         assert seen["max_grad"] > 1e-3
         assert seen["max_grad_diff"] < 1e-6
-        assert seen["bucketed"] == seen["trainable"]  # the frozen base is in no gradient bucket
+        assert seen["adapter_keys"] and seen["adapter_diff"] == 0 and seen["adapter_empty"] == []
+        if strategy == "ddp":
+            assert seen["bucketed"] == seen["trainable"]  # the frozen base is in no gradient bucket
+            syncs = seen["syncs_after_each_micro_batch"]  # gradients are all-reduced in the last backward only
+            assert syncs[-1] > 0 and syncs[:-1] == [0] * (micro_batches - 1)
+            assert seen["sharded"] == []
+        else:  # each block is sharded on its own, then the root; frozen and LoRA weights alike are shards
+            assert seen["fsdp_units"] == ["", "model.model.layers.0", "model.model.layers.1"]
+            assert {"model.layers.0.self_attn.q_proj.base.weight",
+                    "model.layers.1.mlp.down_proj.lora_B.weight"} <= set(seen["sharded"])

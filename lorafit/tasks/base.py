@@ -126,6 +126,19 @@ class Task:
         """The metrics training logs for a split (loss first); `on_batch(n)` reports progress."""
         raise NotImplementedError
 
+    def evaluate_share(self, model, split: Split, indices: list[int], batch_size: int, pad_id: int,
+                       device: torch.device | str = "cpu", autocast: Callable = nullcontext) -> Any:
+        """What `evaluate` computes on the examples `indices` of `split` alone, in a picklable form
+        that `reduce_eval` combines with the other ranks' shares (per-example outputs, or sums), so
+        that ranks can evaluate a split together. None: this task evaluates whole splits only (each
+        rank then evaluates all of it)."""
+        return None
+
+    def reduce_eval(self, split: Split, shares: list[Any]) -> dict[str, float]:
+        """The metrics of the whole `split` from the `evaluate_share` results of shares that cover it
+        once: what `evaluate` gives on the whole split."""
+        raise NotImplementedError
+
     # ------------------------------------------------------------ merge
 
     def probe_batch(self, tokenizer, max_length: int) -> dict[str, torch.Tensor]:
