@@ -1,0 +1,83 @@
+"""`lorafit train` under torchrun with DDP on two CPU ranks (gloo) against one process: 2 ranks ×
+batch 4 must make the updates of 1 process × batch 8: the same logged losses, evaluation metrics and
+adapter tensors (1e-5), with and without gradient accumulation, for each task."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import WORDS, lm_recipe, read_metrics, toy_recipe, write_jsonl, write_recipe
+from safetensors.torch import load_file
+
+REPO = Path(__file__).parent.parent
+# 17 training examples, global batch 8: the epoch's last batch holds 1 example, so one rank's share is empty.
+TRAIN_EXAMPLES = 17
+
+
+def lorafit_train(recipe: Path, *args: str, nproc: int | None = None) -> subprocess.CompletedProcess:
+    """`lorafit train RECIPE ARGS` in one process, or with `nproc` under torchrun (one thread per rank)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                if nproc else [sys.executable])
+    return subprocess.run([*launcher, "-m", "lorafit", "train", str(recipe), *args], capture_output=True,
+                          text=True, env=env, timeout=180, cwd=REPO)
+
+
+def lm_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt": " ".join(rng.choices(WORDS, k=rng.randint(1, 5))),
+             "completion": " ".join(rng.choices(WORDS, k=rng.randint(1, 6)))} for _ in range(n)]
+
+
+def task_recipe(task: str, tiny_models, lm_model_dirs, toy_data, tmp_path: Path, out: Path, **train) -> dict:
+    train = {"epochs": 2, "max_steps": None, "precision": "fp32", "log_every": 1, "eval_every": 2, "save_every": None,
+             "eval_splits": ["eval", "test"] if task == "sequence-classification" else ["eval"], **train}
+    if task == "sequence-classification":
+        return toy_recipe(tiny_models["bert"], toy_data, out, train=train,
+                          data={"max_train_samples": TRAIN_EXAMPLES, "max_eval_samples": 11})
+    data = {"train": write_jsonl(tmp_path / "train.jsonl", lm_rows(TRAIN_EXAMPLES, 1)),
+            "eval": write_jsonl(tmp_path / "eval.jsonl", lm_rows(7, 2))}
+    return lm_recipe(lm_model_dirs["llama"], data, out, train=train,
+                     data={"prompt_column": "prompt", "completion_column": "completion", "eval_split": "eval"})
+
+
+def assert_same_run(single: Path, ddp: Path) -> None:
+    one, two = read_metrics(single), read_metrics(ddp)
+    assert [(m["step"], m.get("split")) for m in one] == [(m["step"], m.get("split")) for m in two]
+    for a, b in zip(one, two):
+        for key in ("loss", "accuracy", "macro_f1", "perplexity", "tokens", "grad_norm", "lr"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (a, b, key)
+    wa, wb = load_file(single / "adapter" / "adapter_model.safetensors"), load_file(ddp / "adapter" / "adapter_model.safetensors")
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert wa[key].numel() > 0
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-5, rtol=0, msg=lambda m, key=key: f"{key}: {m}")
+    summary_one, summary_two = (json.loads((d / "summary.json").read_text()) for d in (single, ddp))
+    for split in ("eval", "test"):
+        if split in summary_one:
+            assert summary_two[split] == pytest.approx(summary_one[split], abs=1e-5)
+
+
+@pytest.mark.parametrize("task,accum", [("sequence-classification", 1), ("sequence-classification", 2),
+                                        ("causal-lm", 1), ("causal-lm", 2)])
+def test_two_ranks_equal_one_process_with_twice_the_batch(task, accum, tiny_models, lm_model_dirs, toy_data, tmp_path):
+    runs = {}
+    for name, batch_size, nproc in (("single", 8, None), ("ddp", 4, 2)):
+        out = tmp_path / name
+        recipe = write_recipe(tmp_path / f"{name}.yaml", task_recipe(
+            task, tiny_models, lm_model_dirs, toy_data, tmp_path, out, batch_size=batch_size, grad_accum_steps=accum))
+        done = lorafit_train(recipe, nproc=nproc)
+        assert done.returncode == 0, done.stderr[-4000:]
+        runs[name] = (out, done.stdout)
+    assert_same_run(runs["single"][0], runs["ddp"][0])
+    assert f"2 processes (ddp), global batch {8 * accum}" in runs["ddp"][1]
+    steps = [m["step"] for m in read_metrics(runs["ddp"][0]) if "split" not in m]
+    assert steps == list(range(1, 2 * -(-3 // accum) + 1))  # 3 global batches per epoch, 2 epochs
