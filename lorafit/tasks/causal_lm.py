@@ -136,23 +136,36 @@ def load_lm_split(cfg: DataConfig, split: str, max_samples: int | None = None) -
 
 
 @torch.inference_mode()
-def evaluate_lm(model, split: LMSplit, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
-                autocast=nullcontext, on_batch=None) -> dict[str, float]:
-    """Mean next-token loss over the labelled tokens of `split`, and its perplexity."""
+def lm_sums(model, split: LMSplit, indices: list[int], batch_size: int, pad_id: int,
+            device: torch.device | str = "cpu", autocast=nullcontext, on_batch=None) -> tuple[float, int]:
+    """The summed next-token loss over the labelled tokens of the examples `indices` of `split`, and
+    how many tokens that is; `on_batch(n)` reports progress."""
     was_training = model.training
     model.eval()
     total_loss, total_targets = 0.0, 0
     multiple, cap = default_pad_multiple(device), max(split.lengths, default=0)
-    for indices in eval_order(split.lengths, batch_size):
-        batch = {k: v.to(device) for k, v in collate_lm(split, indices, pad_id, multiple, cap).items()}
+    for rows in eval_order([split.lengths[i] for i in indices], batch_size):
+        chosen = [indices[r] for r in rows]
+        batch = {k: v.to(device) for k, v in collate_lm(split, chosen, pad_id, multiple, cap).items()}
         with autocast():
             total_loss += lm_loss(model, batch).item()
         total_targets += count_targets(batch)
         if on_batch:
-            on_batch(len(indices))
+            on_batch(len(rows))
     model.train(was_training)
+    return total_loss, total_targets
+
+
+def lm_metrics(total_loss: float, total_targets: int) -> dict[str, float]:
     loss = total_loss / max(total_targets, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total_targets}
+
+
+def evaluate_lm(model, split: LMSplit, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
+                autocast=nullcontext, on_batch=None) -> dict[str, float]:
+    """Mean next-token loss over the labelled tokens of `split`, and its perplexity."""
+    every = list(range(len(split)))
+    return lm_metrics(*lm_sums(model, split, every, batch_size, pad_id, device, autocast, on_batch))
 
 
 # Greedy completions may run this many tokens past the longest reference: room for the end token
@@ -260,6 +273,14 @@ class CausalLM(Task):
     def evaluate(self, model, split: LMSplit, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
                  autocast: Callable = nullcontext, on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
         return evaluate_lm(model, split, batch_size, pad_id, device, autocast, on_batch)
+
+    def evaluate_share(self, model, split: LMSplit, indices: list[int], batch_size: int, pad_id: int,
+                       device: torch.device | str = "cpu", autocast: Callable = nullcontext) -> tuple[float, int]:
+        """The share's summed loss and target count (`lm_sums`)."""
+        return lm_sums(model, split, indices, batch_size, pad_id, device, autocast)
+
+    def reduce_eval(self, split: LMSplit, shares: list[tuple[float, int]]) -> dict[str, float]:
+        return lm_metrics(sum(loss for loss, _ in shares), sum(targets for _, targets in shares))
 
     def probe_batch(self, tokenizer, max_length: int) -> dict[str, torch.Tensor]:
         from lorafit.merge import text_probe_batch

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
 from lorafit.data import (NEWSGROUPS, TextSplit, default_pad_multiple, eval_order, get_split, load_newsgroups,
                           open_hf, padded_width, split_source)
+from lorafit.distributed import merge_rows
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataConfig
 from lorafit.tasks.base import Task, TaskData
@@ -238,28 +239,42 @@ def classification_report(labels: torch.Tensor, predicted: torch.Tensor, loss: f
 
 
 @torch.inference_mode()
-def predict(model, split: TokenizedSplit, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
-            autocast=nullcontext, on_batch=None) -> Predictions:
-    """Run `model` over `split` in length-sorted batches; `on_batch(n)` reports progress."""
+def score_examples(model, split: TokenizedSplit, indices: list[int], batch_size: int, pad_id: int,
+                   device: torch.device | str = "cpu", autocast=nullcontext, on_batch=None) -> dict[str, torch.Tensor]:
+    """Run `model` over the examples `indices` of `split` in length-sorted batches; `on_batch(n)`
+    reports progress. Returns per-example rows, in `indices` order: "probs" (n, num_labels) and
+    "loss" (n,), the cross-entropy of each example."""
     was_training = model.training
     model.eval()
-    n = len(split)
     probs: torch.Tensor | None = None
-    total_loss = 0.0
+    losses = torch.empty(len(indices))
     multiple, cap = default_pad_multiple(device), max(split.lengths, default=0)
-    for indices in eval_order(split.lengths, batch_size):
-        batch = {k: v.to(device) for k, v in collate(split, indices, pad_id, multiple, cap).items()}
+    for rows in eval_order([split.lengths[i] for i in indices], batch_size):
+        chosen = [indices[r] for r in rows]
+        batch = {k: v.to(device) for k, v in collate(split, chosen, pad_id, multiple, cap).items()}
         with autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits.float()
-        total_loss += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
         if probs is None:
-            probs = torch.empty(n, logits.shape[-1])
-        probs[torch.tensor(indices)] = logits.softmax(-1).cpu()
+            probs = torch.empty(len(indices), logits.shape[-1])
+        probs[rows] = logits.softmax(-1).cpu()
+        losses[rows] = F.cross_entropy(logits, batch["labels"], reduction="none").cpu()
         if on_batch:
-            on_batch(len(indices))
+            on_batch(len(rows))
     model.train(was_training)
-    return Predictions(torch.tensor(split.labels), probs, total_loss / max(n, 1))
+    return {"probs": probs if probs is not None else torch.empty(0, 0), "loss": losses}
+
+
+def predictions(split: TokenizedSplit, rows: dict[str, torch.Tensor]) -> Predictions:
+    """`Predictions` from the `score_examples` rows of every example of `split`, in order."""
+    return Predictions(torch.tensor(split.labels), rows["probs"], rows["loss"].sum().item() / max(len(split), 1))
+
+
+def predict(model, split: TokenizedSplit, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
+            autocast=nullcontext, on_batch=None) -> Predictions:
+    """Run `model` over `split` in length-sorted batches; `on_batch(n)` reports progress."""
+    every = list(range(len(split)))
+    return predictions(split, score_examples(model, split, every, batch_size, pad_id, device, autocast, on_batch))
 
 
 def predict_texts(trained, texts: list[str], console=None) -> list[dict]:
@@ -327,6 +342,15 @@ class SequenceClassification(Task):
                  on_batch: Callable[[int], None] | None = None) -> dict[str, float]:
         """Loss, accuracy and macro-F1 of `model` on `split`."""
         out = predict(model, split, batch_size, pad_id, device, autocast, on_batch)
+        return classification_metrics(out.labels, out.predicted, out.loss)
+
+    def evaluate_share(self, model, split: TokenizedSplit, indices: list[int], batch_size: int, pad_id: int,
+                       device: torch.device | str = "cpu", autocast: Callable = nullcontext) -> tuple:
+        """The examples' indices and their `score_examples` rows."""
+        return indices, score_examples(model, split, indices, batch_size, pad_id, device, autocast)
+
+    def reduce_eval(self, split: TokenizedSplit, shares: list[tuple]) -> dict[str, float]:
+        out = predictions(split, merge_rows(shares, len(split)))
         return classification_metrics(out.labels, out.predicted, out.loss)
 
     def probe_batch(self, tokenizer, max_length: int) -> dict[str, torch.Tensor]:
