@@ -324,7 +324,7 @@ def eval_share(lengths: list[int], world: World) -> list[int]:
     return order[world.rank::world.size]
 
 
-def evaluate_split(task, model: torch.nn.Module, split, batch_size: int, pad_id: int, device: torch.device,
+def evaluate_shared(task, model: torch.nn.Module, split, batch_size: int, pad_id: int, device: torch.device,
              autocast: Callable, world: World) -> dict[str, float]:
     """`task.evaluate` on `split`, shared by the ranks: each evaluates its `eval_share`, and the shares
     are reduced to the metrics of the whole split (`Task.reduce_eval`). A task that evaluates whole
