@@ -114,8 +114,12 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     return list(max(lists, key=lambda m: sum(p.numel() for p in m.parameters())))
 
 
-def check_strategy(strategy: str | None, model: torch.nn.Module) -> None:
-    """Refuse a strategy the loaded model cannot take (FSDP needs repeated blocks to shard)."""
+def check_strategy(strategy: str | None, model: torch.nn.Module, rank_schedule: dict | None = None) -> None:
+    """Refuse a strategy the loaded model or the recipe cannot take: FSDP needs repeated blocks to
+    shard; a rank schedule resizes LoRA factors that DDP and FSDP hold in fixed buffers."""
+    if strategy and rank_schedule:
+        raise LorafitError(f"lora.rank_schedule: not available with train.distributed: {strategy} (it resizes "
+                           f"LoRA factors while the ranks share them); remove it or train in one process")
     if strategy == "fsdp" and not repeated_blocks(model):
         raise LorafitError(f"train.distributed: fsdp shards a model block by block, and {type(model).__name__} has "
                            f"no repeated blocks (no ModuleList of layers of one class); use ddp")
@@ -145,7 +149,7 @@ def rank_device(world: World, device_type: str) -> torch.device:
     return torch.device("cpu")
 
 
-def start(world: World, device: torch.device, timeout_s: float) -> None:
+def start_process_group(world: World, device: torch.device, timeout_s: float) -> None:
     """Start the process group for `world`: nccl on GPUs, gloo on CPUs. A collective that waits
     longer than `timeout_s` (a rank died or hangs) fails instead of waiting for ever."""
     if not world.launched or active():
@@ -155,7 +159,7 @@ def start(world: World, device: torch.device, timeout_s: float) -> None:
                             device_id=device if device.type == "cuda" else None)
 
 
-def stop() -> None:
+def end_process_group() -> None:
     """End the process group (at the end of a run, or when it fails)."""
     if active():
         dist.destroy_process_group()

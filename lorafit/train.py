@@ -16,7 +16,7 @@ import random
 import shutil
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,14 +25,18 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from torch.distributed.tensor import DTensor
 
 from lorafit import cache
 from lorafit.adapter import AdapterSpec, load_checkpoint_adapter, peft_modules_to_save, save_adapter
 from lorafit.checkpoint import (check_resumable, check_world_size, find_checkpoint, load_training_state,
-                                prune_checkpoints, rank_rng_state, save_checkpoint, set_rng_state)
-from lorafit.data import batch_order, default_pad_multiple, steps_per_epoch
+                                prune_checkpoints, rank_rng_state, rng_state, save_checkpoint, set_rng_state)
+from lorafit.data import default_pad_multiple, steps_per_epoch
 from lorafit.device import autocast_for, pick_device, precision_name, resolve_precision
-from lorafit.distributed import resolve_strategy, world_from_env
+from lorafit.distributed import (SINGLE, LossForward, World, accumulating, check_strategy, end_process_group,
+                                 evaluate_shared, full_parameters, gather_objects, on_main, rank_batches, rank_device,
+                                 resolve_strategy, shard_fsdp, start_process_group, sum_over_ranks, world_from_env,
+                                 wrap_ddp)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.fast import (SpeedUp, store_frozen_weights, use_fast_attention_dropout, use_fast_dropout,
                           use_fused_gated_mlp, use_fused_rms_norm)
@@ -44,7 +48,7 @@ from lorafit.onednn import bound_onednn_caches
 from lorafit.rank_schedule import apply_rank_schedule
 from lorafit.recipe import LoraConfig, Recipe, dump_recipe
 from lorafit.report import plot_training, with_tensorboard
-from lorafit.tasks import Split, TaskData, get_task
+from lorafit.tasks import Split, Task, TaskData, get_task
 from lorafit.unpad import use_unpadded_encoder
 
 
@@ -107,18 +111,21 @@ def build_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optim
 
 
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line, flushed as written so a crash loses nothing."""
+    """metrics.jsonl: one JSON object per line, flushed as written so a crash loses nothing. With no
+    `path` (ranks other than 0) nothing is written."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path | None):
         self.path = path
-        self.file = open(path, "a")
+        self.file = open(path, "a") if path else None
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
 
     def close(self) -> None:
-        self.file.close()
+        if self.file:
+            self.file.close()
 
 
 RUN_FILES = ("metrics.jsonl", "recipe.yaml", "summary.json", "plot.png")
@@ -295,13 +302,27 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     `resume` is "latest" or a checkpoint directory: training continues exactly where that
     checkpoint left off; `overwrite` replaces the run instead, so passing both is an error.
     `resume_command` is shown when a signal interrupts the run.
+
+    Under torchrun every rank runs this, in a process group started here and ended on the way out;
+    the ranks share each step's batch (`lorafit.distributed`), and rank 0 alone prints and writes.
     """
     if resume and overwrite:
         raise LorafitError("--resume continues a run and --overwrite replaces it; pass only one")
     world = world_from_env()
-    resolve_strategy(recipe.train.distributed, world)
+    strategy = resolve_strategy(recipe.train.distributed, world)
+    device = rank_device(world, pick_device().type)
+    start_process_group(world, device, recipe.train.collective_timeout_s)
+    try:
+        return run(recipe, world, strategy, device, (console or Console()) if world.main else Console(quiet=True),
+                   overwrite, dry_run, resume, resume_command)
+    finally:
+        end_process_group()
+
+
+def run(recipe: Recipe, world: World, strategy: str | None, device: torch.device, console: Console, overwrite: bool,
+        dry_run: bool, resume: str | None, resume_command: str | None) -> dict:
+    """`train` on one rank of `world` (the process group started), its device chosen."""
     bound_onednn_caches()
-    console = console or Console()
     out = recipe.output_dir
     checkpoint = state = None
     if resume:
@@ -310,17 +331,19 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
         state = load_training_state(checkpoint)
         check_world_size(state, checkpoint, world.size)
     elif not dry_run:
-        prepare_output_dir(out, overwrite)
+        on_main(world, prepare_output_dir, out, overwrite)  # the others wait: no rank writes into it meanwhile
     s = setup(recipe, console, checkpoint)
+    check_strategy(strategy, s.model, recipe.lora.rank_schedule)
     console.print(plan_table(s.plan, recipe))
     if dry_run:
         console.print(dump_recipe(recipe), markup=False, highlight=False)
         return {}
     if checkpoint is not None:
-        truncate_metrics(out / "metrics.jsonl", state["progress"]["step"])
+        on_main(world, truncate_metrics, out / "metrics.jsonl", state["progress"]["step"])
         console.print(f"[bold]resuming[/] from {checkpoint} (step {state['progress']['step']})")
+    if world.rank:  # LoRA started the same on every rank; dropout draws from each rank's own stream
+        seed_everything(recipe.seed + world.rank)
 
-    device = pick_device()
     dtype = resolve_precision(recipe.train.precision, device)
     splits = tokenize_splits(recipe, s, console)
     autocast = autocast_for(device, dtype)
@@ -329,20 +352,32 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     console.print(f"[bold]device[/] {device.type}, precision {precision_name(dtype)}"
                   f"{'; ' + ', '.join(notes) if notes else ''}; "
                   f"{len(splits['train'])} train / {len(splits['eval'])} eval examples")
-    (out / "recipe.yaml").write_text(dump_recipe(recipe))
-    metrics_log = MetricsLog(out / "metrics.jsonl")
-    if "tensorboard" in recipe.train.loggers:
+    if world.launched:
+        cfg = recipe.train
+        console.print(f"[bold]{world.size} processes ({strategy})[/], global batch "
+                      f"{cfg.batch_size * cfg.grad_accum_steps * world.size} ({cfg.batch_size} per rank × "
+                      f"{cfg.grad_accum_steps} accumulated × {world.size} ranks)")
+    on_main(world, (out / "recipe.yaml").write_text, dump_recipe(recipe))
+    metrics_log = MetricsLog(out / "metrics.jsonl" if world.main else None)
+    if "tensorboard" in recipe.train.loggers and world.main:
         metrics_log = with_tensorboard(metrics_log, out / "tensorboard")
     try:
         with stop_on_signals() as stop:
-            final = fit(recipe, s, splits, device, autocast, out, metrics_log, console, state, stop, resume_command)
+            final = fit(recipe, s, splits, device, autocast, out, metrics_log, console, state, stop, resume_command,
+                        world, strategy)
     finally:
         metrics_log.close()
+    with full_parameters(s.model, lambda name, p: p.requires_grad):
+        on_main(world, finish, out, s, final)
+    console.print(f"[bold green]done[/]: adapter in {out / 'adapter'}")
+    return final
+
+
+def finish(out: Path, s: Setup, final: dict) -> None:
+    """Write what a finished run leaves: the adapter, summary.json and the training plot."""
     save_adapter(out / "adapter", s.model, s.plan, s.spec)
     write_json(out / "summary.json", final)
     plot_training(out)
-    console.print(f"[bold green]done[/]: adapter in {out / 'adapter'}")
-    return final
 
 
 @contextmanager
@@ -366,16 +401,45 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
+def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: Task,
+              label_smoothing: float) -> torch.Tensor:
+    return task.loss(model, batch, label_smoothing)
+
+
+def wrap_for(strategy: str | None, model: torch.nn.Module, loss, device: torch.device,
+             world: World) -> torch.nn.Module:
+    """`loss(model, batch)` as a module called with a batch: inside DDP or FSDP for those strategies."""
+    if strategy == "ddp":
+        return wrap_ddp(model, loss, device)
+    if strategy == "fsdp":
+        return shard_fsdp(model, loss, world)
+    return LossForward(model, loss)
+
+
+def write_checkpoint(directory: Path, s: Setup, optimizer, scheduler, progress: dict, rng_states: list[dict],
+                     keep: int | None) -> Path:
+    """checkpoints/step-N; then only the newest `keep` are kept (None: all)."""
+    path = save_checkpoint(directory, s.model, s.plan, s.spec, optimizer, scheduler, progress, rng_states)
+    if keep:
+        prune_checkpoints(directory.parent.parent, keep)
+    return path
+
+
 def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device, autocast, out: Path,
         metrics_log: MetricsLog, console: Console, state: dict | None = None, stop: dict | None = None,
-        resume_command: str | None = None) -> dict:
-    """The training loop. `state` (from a checkpoint) restores optimizer, scheduler, position and RNGs."""
+        resume_command: str | None = None, world: World = SINGLE, strategy: str | None = None) -> dict:
+    """The training loop. `state` (from a checkpoint) restores optimizer, scheduler, position and RNGs.
+
+    On several ranks (`world`, `strategy`), each runs its share of every step's batches through the
+    DDP or FSDP wrapper, and the values that decide what happens next (the global count of targets,
+    the step's loss and gradient norm, a stop signal) are summed over the ranks, so all decide alike.
+    """
     cfg = recipe.train
     train_split = splits["train"]
     lengths = train_split.lengths
     pad_id = s.tokenizer.pad_token_id
     eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
-    per_epoch = steps_per_epoch(len(train_split), cfg.batch_size, cfg.grad_accum_steps)
+    per_epoch = steps_per_epoch(len(train_split), cfg.batch_size * world.size, cfg.grad_accum_steps)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
     warmup_steps = round(recipe.optim.warmup_ratio * total_steps)
 
@@ -389,9 +453,11 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
 
     task = get_task(recipe.model.task)
     collate_batch = functools.partial(task.collate, multiple=pad_multiple(cfg, device), cap=recipe.data.max_length)
+    loss_of = wrap_for(strategy, s.model, functools.partial(task_loss, task=task, label_smoothing=cfg.label_smoothing),
+                       device, world)
 
     def run_eval(split_name: str, step: int) -> dict:
-        metrics = task.evaluate(s.model, splits[split_name], eval_batch_size, pad_id, device, autocast)
+        metrics = evaluate_shared(task, s.model, splits[split_name], eval_batch_size, pad_id, device, autocast, world)
         metrics_log.write({"step": step, "split": split_name, **metrics})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         console.print(f"step {step} [bold]{split_name}[/]: {shown}")
@@ -409,11 +475,10 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
 
     def checkpoint(step: int) -> Path:
         progress["elapsed_s"] = time.perf_counter() - start
-        path = save_checkpoint(out / "checkpoints" / f"step-{step}", s.model, s.plan, s.spec, optimizer,
-                               scheduler, progress)
-        if cfg.keep_checkpoints:
-            prune_checkpoints(out, cfg.keep_checkpoints)
-        return path
+        rng_states = gather_objects(rng_state(), world)
+        with full_parameters(s.model, lambda name, p: p.requires_grad):
+            return on_main(world, write_checkpoint, out / "checkpoints" / f"step-{step}", s, optimizer, scheduler,
+                           progress, rng_states, cfg.keep_checkpoints)
 
     progress_bar = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
@@ -423,7 +488,7 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
     bar = progress_bar.add_task("train", total=total_steps, completed=progress["step"], loss="-", rate="-")
     s.model.train()
     if state is not None:
-        set_rng_state(rank_rng_state(state, 0))  # last, so nothing above consumes random numbers after it
+        set_rng_state(rank_rng_state(state, world.rank))  # last, so nothing above consumes random numbers after it
     start = time.perf_counter() - progress["elapsed_s"]
     window_start = time.perf_counter()
     if cfg.eval_at_start and state is None:
@@ -435,26 +500,34 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
         while progress["step"] < total_steps:
             epoch = progress["epoch"]
             steps_at_epoch_start, resumed_mid_epoch = progress["step"], progress["batch_index"] > 0
-            batches = batch_order(lengths, cfg.batch_size, recipe.seed, epoch, cfg.group_by_length)
+            batches = rank_batches(lengths, cfg.batch_size, recipe.seed, epoch, cfg.group_by_length, world)
             for first in range(progress["batch_index"], len(batches), cfg.grad_accum_steps):
                 micro = batches[first:first + cfg.grad_accum_steps]
                 progress["batch_index"] = first + len(micro)
-                n_samples = sum(len(b) for b in micro)
-                host = [collate_batch(train_split, b, pad_id) for b in micro]
+                # A share left empty by the epoch's last, short batch runs a stand-in example at weight 0:
+                # every rank must take part in each gradient synchronization.
+                host = [collate_batch(train_split, b or [0], pad_id) for b in micro]
+                real = [h for h, b in zip(host, micro) if b]
                 # Counted on the host, so that a GPU step waits on the device only once, below.
-                n_targets = sum(task.count_targets(b) for b in host)
-                n_tokens = sum(int(b.get("token_mask", b["attention_mask"]).sum()) for b in host)
+                n_targets, n_samples, n_tokens = sum_over_ranks(
+                    [sum(task.count_targets(b) for b in real), sum(len(b) for b in micro),
+                     sum(int(b.get("token_mask", b["attention_mask"]).sum()) for b in real)], device)
                 loss_total = torch.zeros((), device=device)
-                for batch in host:
+                for i, (batch, share) in enumerate(zip(host, micro)):
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    with autocast():
-                        # Each micro-batch's summed loss over the targets of the whole step: the step's mean.
-                        loss = task.loss(s.model, batch, cfg.label_smoothing) / n_targets
-                    loss.backward()
+                    with accumulating(loss_of) if i < len(host) - 1 else nullcontext():
+                        with autocast():
+                            # Each micro-batch's summed loss over the targets of the whole step: the step's mean.
+                            loss = loss_of(batch) * (float(bool(share)) / n_targets)
+                        # DDP and FSDP average gradients over the ranks: scaled back up to the sum.
+                        (loss * world.size).backward()
                     loss_total += loss.detach().float()
                 grad_norm_t = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+                grad_norm_t = grad_norm_t.full_tensor() if isinstance(grad_norm_t, DTensor) else grad_norm_t
                 loss_sum, grad_norm = torch.stack([loss_total, grad_norm_t.float()]).tolist()
-                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
+                # Summed over the ranks, a non-finite value on any rank is non-finite on all: they agree.
+                loss_sum, grad_norm_sum = sum_over_ranks([loss_sum, grad_norm], device)
+                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm_sum)):
                     optimizer.zero_grad(set_to_none=True)
                     if not cfg.skip_nonfinite:
                         kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
@@ -502,7 +575,8 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
                     window_start = time.perf_counter()  # evaluation time is not training throughput
                 if cfg.save_every and step % cfg.save_every == 0:
                     last_checkpoint = checkpoint(step)
-                if stop["signal"] is not None:
+                if sum_over_ranks([stop["signal"] is not None], device)[0]:  # a signal on any rank stops all
+                    stop["signal"] = stop["signal"] or signal.SIGTERM
                     path = checkpoint(step)
                     hint = resume_command or f"lorafit train <recipe> --resume {path}"
                     raise TrainingInterrupted(f"interrupted by signal {stop['signal']} after step {step}; "

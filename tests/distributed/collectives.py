@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from lorafit.data import batch_order
-from lorafit.distributed import (eval_share, gather_objects, merge_rows, on_main, rank_batches, rank_device,
-                                 start, stop, sum_over_ranks, world_from_env)
+from lorafit.distributed import (end_process_group, eval_share, gather_objects, merge_rows, on_main, rank_batches,
+                                 rank_device, start_process_group, sum_over_ranks, world_from_env)
 from lorafit.errors import LorafitError
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     out, mode = Path(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "all")
     world = world_from_env()
     device = rank_device(world, "cpu")
-    start(world, device, timeout_s=3 if mode == "timeout" else 30)
+    start_process_group(world, device, timeout_s=3 if mode == "timeout" else 30)
     try:
         if mode == "timeout":
             seen = {"rank": world.rank}
@@ -74,7 +74,7 @@ def main() -> None:
         (out / f"rank-{world.rank}.json").write_text(json.dumps(seen))
     finally:
         if mode != "timeout":
-            stop()
+            end_process_group()
 
 
 if __name__ == "__main__":

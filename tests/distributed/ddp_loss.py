@@ -18,8 +18,8 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from lorafit.adapter import adapter_state_dict
-from lorafit.distributed import (accumulating, full_parameters, rank_device, rank_share, shard_fsdp, start, stop,
-                                 sum_over_ranks, world_from_env, wrap_ddp)
+from lorafit.distributed import (accumulating, end_process_group, full_parameters, rank_device, rank_share,
+                                 shard_fsdp, start_process_group, sum_over_ranks, world_from_env, wrap_ddp)
 from lorafit.lm import IGNORE, count_targets, lm_loss, loss_path
 from lorafit.lora import LoraPlan, add_lora
 
@@ -40,7 +40,7 @@ def main() -> None:
     strategy = sys.argv[3] if len(sys.argv) > 3 else "ddp"
     world = world_from_env()
     device = rank_device(world, "cpu")
-    start(world, device, timeout_s=60)
+    start_process_group(world, device, timeout_s=60)
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0)
@@ -95,7 +95,7 @@ def main() -> None:
         seen["bucketed"] = sorted(n.removeprefix("module.model.") for n, p in wrapped.named_parameters()
                                   if p in set(wrapped._module_parameters))
     (out / f"rank-{world.rank}.json").write_text(json.dumps(seen))
-    stop()
+    end_process_group()
 
 
 if __name__ == "__main__":
