@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import pytest
 from conftest import make_tokenizer
+from test_recipe import MINIMAL, problems
 
 from lorafit.errors import LorafitError
 from lorafit.models import ModelSource, load_model
-from lorafit.recipe import RecipeError, recipe_from_dict
+from lorafit.recipe import recipe_from_dict
 from lorafit.tasks import TASK_NAMES, get_task, task_for_peft_type
-
-MINIMAL = {"name": "t", "model": {"name": "some/model"}}
-
-
-def problems(raw: dict) -> list[str]:
-    with pytest.raises(RecipeError) as info:
-        recipe_from_dict(raw)
-    return info.value.problems
 
 
 def test_the_registry_lists_the_tasks_and_finds_them_by_peft_task_type():
