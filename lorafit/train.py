@@ -401,6 +401,9 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
+# ---------------------------------------------------------------- the loop's parts
+
+
 def task_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], task: Task,
               label_smoothing: float) -> torch.Tensor:
     return task.loss(model, batch, label_smoothing)
@@ -416,13 +419,117 @@ def wrap_for(strategy: str | None, model: torch.nn.Module, loss, device: torch.d
     return LossForward(model, loss)
 
 
-def write_checkpoint(directory: Path, s: Setup, optimizer, scheduler, progress: dict, rng_states: list[dict],
-                     keep: int | None) -> Path:
-    """checkpoints/step-N; then only the newest `keep` are kept (None: all)."""
-    path = save_checkpoint(directory, s.model, s.plan, s.spec, optimizer, scheduler, progress, rng_states)
+def train_step(loss_of: torch.nn.Module, task: Task, micro_batches: list[dict[str, torch.Tensor]], real: list[bool],
+               optimizer: torch.optim.Optimizer, scheduler, trainable: list[torch.nn.Parameter], max_norm: float,
+               device: torch.device, autocast, world: World = SINGLE) -> tuple[float, float, int, int]:
+    """One optimizer step over `micro_batches` (collated on the host): forward and backward of each,
+    clip, step. `loss_of(batch)` is the task's summed loss (`wrap_for`). Returns the step's mean loss
+    over its targets, the gradient norm before clipping, and the samples and real tokens (padding
+    left out) it trained on.
+
+    Each micro-batch's summed loss is divided by the targets of the whole step, so the gradients
+    add up to those of the step's mean loss however it is cut. When the loss or the gradient norm
+    is not finite the gradients are dropped and neither optimizer nor scheduler steps.
+
+    On several ranks, `micro_batches` are this rank's shares of the step's batches; `real[i]` False
+    marks a stand-in for an empty share, run so that this rank takes part in the gradient
+    synchronization, counting for nothing. Targets, samples and tokens are counted over all ranks,
+    gradients are synchronized in the last micro-batch's backward only, and the loss and gradient
+    norm returned are the same on every rank, so every rank decides alike.
+    """
+    # Counted on the host, so that a GPU step waits on the device only once, below.
+    kept = [b for b, r in zip(micro_batches, real) if r]
+    n_targets, n_samples, n_tokens = sum_over_ranks(
+        [sum(task.count_targets(b) for b in kept), sum(len(b["input_ids"]) for b in kept),
+         sum(int(b.get("token_mask", b["attention_mask"]).sum()) for b in kept)], device)
+    loss_total = torch.zeros((), device=device)
+    for i, (batch, weight) in enumerate(zip(micro_batches, real)):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with accumulating(loss_of) if i < len(micro_batches) - 1 else nullcontext():
+            with autocast():
+                loss = loss_of(batch) * (float(weight) / n_targets)
+            (loss * world.size).backward()  # DDP and FSDP average gradients over the ranks: this makes it the sum
+        loss_total += loss.detach().float()
+    grad_norm_t = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+    grad_norm_t = grad_norm_t.full_tensor() if isinstance(grad_norm_t, DTensor) else grad_norm_t
+    loss_sum, grad_norm = torch.stack([loss_total, grad_norm_t.float()]).tolist()
+    # Summed over the ranks, a value that is not finite on one rank is not finite on any.
+    loss_sum, grad_norm_sum = sum_over_ranks([loss_sum, grad_norm], device)
+    grad_norm = grad_norm_sum / world.size  # the same norm on every rank: gradients were synchronized
+    if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm, int(n_samples), int(n_tokens)
+
+
+def new_progress() -> dict:
+    """The loop's position and its running log window: all a checkpoint needs besides optimizer and RNGs."""
+    return {"step": 0, "epoch": 0, "batch_index": 0, "elapsed_s": 0.0, "skipped_nonfinite": 0,
+            "window": {"loss": 0.0, "batches": 0, "samples": 0, "tokens": 0}}
+
+
+def add_to_window(window: dict, loss: float, samples: int, tokens: int) -> None:
+    """Count a step's loss, samples and real tokens into the log window."""
+    window["loss"] += loss
+    window["batches"] += 1
+    window["samples"] += samples
+    window["tokens"] += tokens
+
+
+def log_window(metrics_log, progress: dict, epoch: float, lr: float, grad_norm: float, seconds: float,
+               elapsed: float) -> dict:
+    """Write the training record of the steps since the last one (`seconds` long) and empty the window.
+
+    The record: step, epoch (fractional), mean loss over the window's steps, learning rate, the
+    last step's gradient norm, samples/s and tokens/s over the window, seconds since training
+    started, and the skipped non-finite steps, if any.
+    """
+    window = progress["window"]
+    record = {
+        "step": progress["step"],
+        "epoch": round(epoch, 4),
+        "loss": window["loss"] / window["batches"],
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "samples_per_s": window["samples"] / seconds,
+        "tokens_per_s": window["tokens"] / seconds,
+        "elapsed_s": elapsed,
+    }
+    if progress["skipped_nonfinite"]:
+        record["skipped_nonfinite"] = progress["skipped_nonfinite"]
+    metrics_log.write(record)
+    window.update(loss=0.0, batches=0, samples=0, tokens=0)
+    return record
+
+
+def evaluate_split(task: Task, model: torch.nn.Module, split: Split, name: str, step: int, batch_size: int,
+                   pad_id: int, device: torch.device, autocast, metrics_log, console: Console,
+                   world: World = SINGLE) -> dict:
+    """The task's metrics on `split` (shared by the ranks of `world`), written to the log as
+    {"step", "split": name, ...} and shown."""
+    metrics = evaluate_shared(task, model, split, batch_size, pad_id, device, autocast, world)
+    metrics_log.write({"step": step, "split": name, **metrics})
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    console.print(f"step {step} [bold]{name}[/]: {shown}")
+    return metrics
+
+
+def write_checkpoint(out: Path, s: Setup, optimizer: torch.optim.Optimizer, scheduler, progress: dict,
+                     keep: int | None, rng_states: list[dict] | None = None) -> Path:
+    """checkpoints/step-N for the current step, with every rank's `rng_states` (default: this
+    process's); only the newest `keep` are kept (None: all)."""
+    path = save_checkpoint(out / "checkpoints" / f"step-{progress['step']}", s.model, s.plan, s.spec, optimizer,
+                           scheduler, progress, rng_states)
     if keep:
-        prune_checkpoints(directory.parent.parent, keep)
+        prune_checkpoints(out, keep)
     return path
+
+
+def nonfinite_error(loss: float, step: int, last_checkpoint: Path | None) -> LorafitError:
+    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+    return LorafitError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step}; stopping "
+                        f"({kept}). Lower optim.lr, or set train.skip_nonfinite: true to skip such batches")
 
 
 def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device, autocast, out: Path,
@@ -431,18 +538,16 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
     """The training loop. `state` (from a checkpoint) restores optimizer, scheduler, position and RNGs.
 
     On several ranks (`world`, `strategy`), each runs its share of every step's batches through the
-    DDP or FSDP wrapper, and the values that decide what happens next (the global count of targets,
-    the step's loss and gradient norm, a stop signal) are summed over the ranks, so all decide alike.
+    DDP or FSDP wrapper (`train_step`); evaluation is shared; rank 0 alone writes checkpoints, and a
+    signal to any rank stops all of them after the same step.
     """
-    cfg = recipe.train
+    cfg, task = recipe.train, get_task(recipe.model.task)
     train_split = splits["train"]
-    lengths = train_split.lengths
     pad_id = s.tokenizer.pad_token_id
     eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
-    per_epoch = steps_per_epoch(len(train_split), cfg.batch_size * world.size, cfg.grad_accum_steps)
-    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train_split), cfg.batch_size * world.size,
+                                                                cfg.grad_accum_steps)
     warmup_steps = round(recipe.optim.warmup_ratio * total_steps)
-
     optimizer = build_optimizer(s.model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_lambda, warmup_steps=warmup_steps, total_steps=total_steps,
@@ -450,35 +555,26 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
     trainable = [p for p in s.model.parameters() if p.requires_grad]
     max_norm = recipe.optim.max_grad_norm or float("inf")
     stop = stop if stop is not None else {"signal": None}
-
-    task = get_task(recipe.model.task)
     collate_batch = functools.partial(task.collate, multiple=pad_multiple(cfg, device), cap=recipe.data.max_length)
     loss_of = wrap_for(strategy, s.model, functools.partial(task_loss, task=task, label_smoothing=cfg.label_smoothing),
                        device, world)
-
-    def run_eval(split_name: str, step: int) -> dict:
-        metrics = evaluate_shared(task, s.model, splits[split_name], eval_batch_size, pad_id, device, autocast, world)
-        metrics_log.write({"step": step, "split": split_name, **metrics})
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        console.print(f"step {step} [bold]{split_name}[/]: {shown}")
-        return metrics
-
-    # Loop position and the running log window: all a checkpoint needs besides optimizer and RNGs.
-    progress = {"step": 0, "epoch": 0, "batch_index": 0, "elapsed_s": 0.0, "skipped_nonfinite": 0,
-                "window": {"loss": 0.0, "batches": 0, "samples": 0, "tokens": 0}}
+    progress = new_progress()
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         progress = state["progress"]
-    window = progress["window"]
     last_checkpoint: Path | None = None
 
-    def checkpoint(step: int) -> Path:
+    def run_eval(name: str, step: int) -> dict:
+        return evaluate_split(task, s.model, splits[name], name, step, eval_batch_size, pad_id, device, autocast,
+                              metrics_log, console, world)
+
+    def checkpoint() -> Path:
         progress["elapsed_s"] = time.perf_counter() - start
         rng_states = gather_objects(rng_state(), world)
         with full_parameters(s.model, lambda name, p: p.requires_grad):
-            return on_main(world, write_checkpoint, out / "checkpoints" / f"step-{step}", s, optimizer, scheduler,
-                           progress, rng_states, cfg.keep_checkpoints)
+            return on_main(world, write_checkpoint, out, s, optimizer, scheduler, progress, cfg.keep_checkpoints,
+                           rng_states)
 
     progress_bar = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
@@ -492,92 +588,51 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
     start = time.perf_counter() - progress["elapsed_s"]
     window_start = time.perf_counter()
     if cfg.eval_at_start and state is None:
-        for split_name in ("eval", "test"):
-            if split_name in splits:
-                run_eval(split_name, 0)
+        for name in ("eval", "test"):
+            if name in splits:
+                run_eval(name, 0)
         start = window_start = time.perf_counter()  # training time starts after the baseline
     with progress_bar:
         while progress["step"] < total_steps:
             epoch = progress["epoch"]
             steps_at_epoch_start, resumed_mid_epoch = progress["step"], progress["batch_index"] > 0
-            batches = rank_batches(lengths, cfg.batch_size, recipe.seed, epoch, cfg.group_by_length, world)
+            batches = rank_batches(train_split.lengths, cfg.batch_size, recipe.seed, epoch, cfg.group_by_length,
+                                   world)
             for first in range(progress["batch_index"], len(batches), cfg.grad_accum_steps):
                 micro = batches[first:first + cfg.grad_accum_steps]
                 progress["batch_index"] = first + len(micro)
-                # A share left empty by the epoch's last, short batch runs a stand-in example at weight 0:
-                # every rank must take part in each gradient synchronization.
+                # A share left empty by the epoch's last, short batch runs a stand-in example (see train_step).
                 host = [collate_batch(train_split, b or [0], pad_id) for b in micro]
-                real = [h for h, b in zip(host, micro) if b]
-                # Counted on the host, so that a GPU step waits on the device only once, below.
-                n_targets, n_samples, n_tokens = sum_over_ranks(
-                    [sum(task.count_targets(b) for b in real), sum(len(b) for b in micro),
-                     sum(int(b.get("token_mask", b["attention_mask"]).sum()) for b in real)], device)
-                loss_total = torch.zeros((), device=device)
-                for i, (batch, share) in enumerate(zip(host, micro)):
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    with accumulating(loss_of) if i < len(host) - 1 else nullcontext():
-                        with autocast():
-                            # Each micro-batch's summed loss over the targets of the whole step: the step's mean.
-                            loss = loss_of(batch) * (float(bool(share)) / n_targets)
-                        # DDP and FSDP average gradients over the ranks: scaled back up to the sum.
-                        (loss * world.size).backward()
-                    loss_total += loss.detach().float()
-                grad_norm_t = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-                grad_norm_t = grad_norm_t.full_tensor() if isinstance(grad_norm_t, DTensor) else grad_norm_t
-                loss_sum, grad_norm = torch.stack([loss_total, grad_norm_t.float()]).tolist()
-                # Summed over the ranks, a non-finite value on any rank is non-finite on all: they agree.
-                loss_sum, grad_norm_sum = sum_over_ranks([loss_sum, grad_norm], device)
-                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm_sum)):
-                    optimizer.zero_grad(set_to_none=True)
+                loss, grad_norm, samples, tokens = train_step(loss_of, task, host, [bool(b) for b in micro], optimizer,
+                                                              scheduler, trainable, max_norm, device, autocast, world)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     if not cfg.skip_nonfinite:
-                        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
-                        raise LorafitError(f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient'} at "
-                                           f"step {progress['step'] + 1}; stopping ({kept}). Lower optim.lr, or set "
-                                           f"train.skip_nonfinite: true to skip such batches")
+                        raise nonfinite_error(loss, progress["step"] + 1, last_checkpoint)
                     progress["skipped_nonfinite"] += 1
                     continue
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 progress["step"] += 1
                 step = progress["step"]
-                window["loss"] += loss_sum
-                window["batches"] += 1
-                window["samples"] += n_samples
-                window["tokens"] += n_tokens
-                progress_bar.update(bar, advance=1, loss=f"{loss_sum:.4f}")
+                add_to_window(progress["window"], loss, samples, tokens)
+                progress_bar.update(bar, advance=1, loss=f"{loss:.4f}")
                 apply_rank_schedule(s.model, recipe.lora.rank_schedule, step, total_steps, optimizer, trainable,
                                     console)
-
                 if step % cfg.log_every == 0 or step == total_steps:
                     now = time.perf_counter()
-                    seconds = max(now - window_start, 1e-9)
-                    record = {
-                        "step": step,
-                        "epoch": round(epoch + progress["batch_index"] / len(batches), 4),
-                        "loss": window["loss"] / window["batches"],
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "samples_per_s": window["samples"] / seconds,
-                        "tokens_per_s": window["tokens"] / seconds,
-                        "elapsed_s": now - start,
-                    }
-                    if progress["skipped_nonfinite"]:
-                        record["skipped_nonfinite"] = progress["skipped_nonfinite"]
-                    metrics_log.write(record)
+                    record = log_window(metrics_log, progress, epoch + progress["batch_index"] / len(batches),
+                                        scheduler.get_last_lr()[0], grad_norm, max(now - window_start, 1e-9),
+                                        now - start)
                     progress_bar.update(bar, rate=f"{record['samples_per_s']:.1f}")
                     window_start = now
-                    window.update(loss=0.0, batches=0, samples=0, tokens=0)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                    for split_name in dict.fromkeys(cfg.eval_splits):
-                        if split_name in splits:
-                            run_eval(split_name, step)
+                    for name in dict.fromkeys(cfg.eval_splits):
+                        if name in splits:
+                            run_eval(name, step)
                     window_start = time.perf_counter()  # evaluation time is not training throughput
                 if cfg.save_every and step % cfg.save_every == 0:
-                    last_checkpoint = checkpoint(step)
-                if sum_over_ranks([stop["signal"] is not None], device)[0]:  # a signal on any rank stops all
+                    last_checkpoint = checkpoint()
+                if sum_over_ranks([stop["signal"] is not None], device)[0]:  # a signal to any rank stops all
                     stop["signal"] = stop["signal"] or signal.SIGTERM
-                    path = checkpoint(step)
+                    path = checkpoint()
                     hint = resume_command or f"lorafit train <recipe> --resume {path}"
                     raise TrainingInterrupted(f"interrupted by signal {stop['signal']} after step {step}; "
                                               f"checkpoint saved to {path}; continue with: {hint}", stop["signal"])
