@@ -21,13 +21,19 @@ REPO = Path(__file__).parent.parent
 TRAIN_EXAMPLES = 17
 
 
-def lorafit_train(recipe: Path, *args: str, nproc: int | None = None) -> subprocess.CompletedProcess:
-    """`lorafit train RECIPE ARGS` in one process, or with `nproc` under torchrun (one thread per rank)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-                if nproc else [sys.executable])
-    return subprocess.run([*launcher, "-m", "lorafit", "train", str(recipe), *args], capture_output=True,
-                          text=True, env=env, timeout=180, cwd=REPO)
+def lorafit_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
+
+
+def lorafit_train(recipe: Path, *args: str, nproc: int | None = None, launcher: str = "torchrun") -> subprocess.CompletedProcess:
+    """`lorafit train RECIPE ARGS` in one process, or on `nproc` ranks (one thread each) started by
+    torchrun, or with `launcher="--nproc"` by `lorafit train --nproc`."""
+    command = [sys.executable, "-m", "lorafit", "train", str(recipe), *args]
+    if nproc and launcher == "torchrun":
+        command[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"]
+    elif nproc:
+        command += ["--nproc", str(nproc)]
+    return subprocess.run(command, capture_output=True, text=True, env=lorafit_env(), timeout=180, cwd=REPO)
 
 
 def lm_rows(n: int, seed: int) -> list[dict]:
@@ -66,15 +72,17 @@ def assert_same_run(single: Path, ddp: Path) -> None:
             assert summary_two[split] == pytest.approx(summary_one[split], abs=1e-5)
 
 
-@pytest.mark.parametrize("task,accum", [("sequence-classification", 1), ("sequence-classification", 2),
-                                        ("causal-lm", 1), ("causal-lm", 2)])
-def test_two_ranks_equal_one_process_with_twice_the_batch(task, accum, tiny_models, lm_model_dirs, toy_data, tmp_path):
+@pytest.mark.parametrize("task,accum,launcher", [("sequence-classification", 1, "torchrun"),
+                                                 ("sequence-classification", 2, "torchrun"),
+                                                 ("causal-lm", 1, "torchrun"), ("causal-lm", 2, "--nproc")])
+def test_two_ranks_equal_one_process_with_twice_the_batch(task, accum, launcher, tiny_models, lm_model_dirs, toy_data,
+                                                          tmp_path):
     runs = {}
     for name, batch_size, nproc in (("single", 8, None), ("ddp", 4, 2)):
         out = tmp_path / name
         recipe = write_recipe(tmp_path / f"{name}.yaml", task_recipe(
             task, tiny_models, lm_model_dirs, toy_data, tmp_path, out, batch_size=batch_size, grad_accum_steps=accum))
-        done = lorafit_train(recipe, nproc=nproc)
+        done = lorafit_train(recipe, nproc=nproc, launcher=launcher)
         assert done.returncode == 0, done.stderr[-4000:]
         runs[name] = (out, done.stdout)
     assert_same_run(runs["single"][0], runs["ddp"][0])
