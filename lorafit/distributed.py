@@ -20,6 +20,7 @@ How the ranks stay in step:
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -200,12 +201,16 @@ def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
 
 
 def gather_objects(obj: Any, world: World) -> list[Any]:
-    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    """Every rank's `obj` (tensors, numbers, strings, and lists, tuples and dicts of them), in rank
+    order, on every rank. Sent as `torch.save` bytes (all_gather_object's own pickling of tensors
+    fails to load some, e.g. the RNG state), read back with `weights_only=True`."""
     if not active():
         return [obj]
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     gathered: list[Any] = [None] * world.size
-    dist.all_gather_object(gathered, obj)
-    return gathered
+    dist.all_gather_object(gathered, buffer.getvalue())
+    return [torch.load(io.BytesIO(data), weights_only=True) for data in gathered]
 
 
 def on_main(world: World, fn: Callable[..., T], *args, **kwargs) -> T:

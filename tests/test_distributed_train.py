@@ -1,20 +1,25 @@
 """`lorafit train` under torchrun with DDP on two CPU ranks (gloo) against one process: 2 ranks ×
 batch 4 must make the updates of 1 process × batch 8: the same logged losses, evaluation metrics and
-adapter tensors (1e-5), with and without gradient accumulation, for each task."""
+adapter tensors (1e-5), with and without gradient accumulation, for each task. And failures: a rank
+killed alone, SIGTERM to the launcher, and resuming after them."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import WORDS, lm_recipe, read_metrics, toy_recipe, write_jsonl, write_recipe
 from safetensors.torch import load_file
+
+from lorafit.checkpoint import STATE_FILE, list_checkpoints
 
 REPO = Path(__file__).parent.parent
 # 17 training examples, global batch 8: the epoch's last batch holds 1 example, so one rank's share is empty.
@@ -89,3 +94,94 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(task, accum, launcher,
     assert f"2 processes (ddp), global batch {8 * accum}" in runs["ddp"][1]
     steps = [m["step"] for m in read_metrics(runs["ddp"][0]) if "split" not in m]
     assert steps == list(range(1, 2 * -(-3 // accum) + 1))  # 3 global batches per epoch, 2 epochs
+
+
+# ---------------------------------------------------------------- failures and resume
+
+STEPS = 30
+
+
+def resume_recipe(tiny_models, toy_data, out: Path) -> dict:
+    # LoRA dropout on: resuming must restore every rank's RNG to give the same numbers.
+    return toy_recipe(tiny_models["bert"], toy_data, out, lora={"dropout": 0.1},
+                      train={"max_steps": STEPS, "batch_size": 4, "precision": "fp32", "log_every": 1,
+                             "eval_every": None, "save_every": 2, "keep_checkpoints": 2})
+
+
+def worker_pids(launcher_pid: int) -> dict[int, int]:
+    """rank -> pid of the workers torchrun (`launcher_pid`) started, read from their environments."""
+    workers = {}
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        env = dict(item.split("=", 1) for item in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in item)
+        if "RANK" in env:
+            workers[int(env["RANK"])] = int(child)
+    return workers
+
+
+def start_ddp_run(recipe: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             "-m", "lorafit", "train", str(recipe), *args], env=lorafit_env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int) -> None:
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / f"step-{step}").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its checkpoint"
+        time.sleep(0.01)
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(tiny_models, toy_data, tmp_path_factory) -> Path:
+    """An uninterrupted run on 2 ranks: what every interrupted, resumed one must reproduce."""
+    root = tmp_path_factory.mktemp("ddp-reference")
+    done = lorafit_train(write_recipe(root / "r.yaml", resume_recipe(tiny_models, toy_data, root / "run")), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return root / "run"
+
+
+def test_a_killed_rank_stops_the_job_and_resume_finishes_it(ddp_reference, tiny_models, toy_data, tmp_path):
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", resume_recipe(tiny_models, toy_data, out))
+    proc = start_ddp_run(recipe)
+    wait_for_checkpoint(proc, out, 4)
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0, stderr[-2000:]
+    assert time.monotonic() - killed < 60  # rank 0 is stopped, not left waiting for ever
+    assert not (out / "adapter").exists()
+    last = list_checkpoints(out)[-1]  # the newest complete checkpoint is readable
+    assert load_file(last / "adapter_model.safetensors")
+    assert torch.load(last / STATE_FILE, weights_only=True)["world_size"] == 2
+
+    resumed = lorafit_train(recipe, "--resume", nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected = {m["step"]: m["loss"] for m in read_metrics(ddp_reference) if "split" not in m}
+    got = {m["step"]: m["loss"] for m in read_metrics(out) if "split" not in m}
+    assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (ddp_reference, out))
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("target", ["launcher", "rank 1"])
+def test_sigterm_checkpoints_and_every_rank_exits(target, tiny_models, toy_data, tmp_path):
+    """SIGTERM to torchrun (which passes it to every rank) or to one rank alone: the ranks agree to
+    stop after the same step, rank 0 writes its checkpoint, and all exit."""
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", resume_recipe(tiny_models, toy_data, out))
+    proc = start_ddp_run(recipe)
+    wait_for_checkpoint(proc, out, 2)
+    workers = worker_pids(proc.pid)
+    os.kill(proc.pid if target == "launcher" else workers[1], signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    message = " ".join(stderr.split())
+    stopped_at = max(m["step"] for m in read_metrics(out) if "split" not in m)
+    assert f"interrupted by signal 15 after step {stopped_at}" in message
+    assert list_checkpoints(out)[-1].name == f"step-{stopped_at}"  # rank 0 saved the step all ranks stopped after
+    for pid in workers.values():  # every rank is gone
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
