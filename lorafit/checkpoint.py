@@ -53,14 +53,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(directory: Path, model, plan, spec, optimizer, scheduler, progress: dict[str, Any],
-                    rng_states: list[dict[str, Any]] | None = None) -> Path:
+                    rng_states: list[dict[str, Any]] | None = None, optimizer_state: dict | None = None) -> Path:
     """Write adapter + training state atomically. `progress` holds the loop position (step, epoch, ...);
     `rng_states` every rank's `rng_state()` in rank order (default: this one process's), whose
-    number is the run's world size."""
+    number is the run's world size; `optimizer_state` the optimizer's state when it is not
+    `optimizer.state_dict()` (gathered from FSDP's shards)."""
     rng_states = rng_states or [rng_state()]
     with atomic_directory(directory) as tmp:
         write_adapter_files(tmp, model, plan, spec)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": optimizer_state or optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "progress": progress, "rng": rng_states, "world_size": len(rng_states)}, tmp / STATE_FILE)
         write_json(tmp / "trainer_state.json", {**{k: progress[k] for k in ("step", "epoch", "batch_index")},
                                                 "world_size": len(rng_states)})

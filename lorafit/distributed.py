@@ -30,6 +30,8 @@ from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -304,6 +306,21 @@ def accumulating(wrapped: torch.nn.Module):
 
 
 @contextmanager
+def root_gathered(wrapped: torch.nn.Module):
+    """Inside, the model under an FSDP root (`shard_fsdp`) can be called directly, not through the
+    root's forward (to evaluate it): the root's own parameters (embeddings, head, final norm) are
+    gathered; each block still gathers its own in its forward. Without FSDP, nothing changes."""
+    if not isinstance(wrapped, FSDPModule):
+        yield
+        return
+    wrapped.unshard()
+    try:
+        yield
+    finally:
+        wrapped.reshard()
+
+
+@contextmanager
 def full_parameters(model: torch.nn.Module, names: Callable[[str, torch.nn.Parameter], bool]):
     """Inside, `model`'s parameters that `names(name, param)` selects are whole tensors on every rank
     (FSDP keeps shards): gathered on entry (a collective: every rank must enter), put back on exit.
@@ -320,6 +337,23 @@ def full_parameters(model: torch.nn.Module, names: Callable[[str, torch.nn.Param
     finally:
         for module, name, param in swapped:
             module._parameters[name] = param
+
+
+def optimizer_state(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's state for a checkpoint: under FSDP gathered to full tensors (a collective:
+    every rank calls it; rank 0 gets the state), else `optimizer.state_dict()`."""
+    if not isinstance(wrapped, FSDPModule):
+        return optimizer.state_dict()
+    return get_optimizer_state_dict(wrapped, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                 cpu_offload=True))
+
+
+def load_optimizer_state(wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Restore what `optimizer_state` saved (under FSDP, each rank keeps its shard of it)."""
+    if not isinstance(wrapped, FSDPModule):
+        optimizer.load_state_dict(state)
+        return
+    set_optimizer_state_dict(wrapped, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 # ---------------------------------------------------------------- evaluation

@@ -34,9 +34,9 @@ from lorafit.checkpoint import (check_resumable, check_world_size, find_checkpoi
 from lorafit.data import default_pad_multiple, steps_per_epoch
 from lorafit.device import autocast_for, pick_device, precision_name, resolve_precision
 from lorafit.distributed import (SINGLE, LossForward, World, accumulating, check_strategy, end_process_group,
-                                 evaluate_shared, full_parameters, gather_objects, on_main, rank_batches, rank_device,
-                                 resolve_strategy, shard_fsdp, start_process_group, sum_over_ranks, world_from_env,
-                                 wrap_ddp)
+                                 evaluate_shared, full_parameters, gather_objects, load_optimizer_state, on_main,
+                                 optimizer_state, rank_batches, rank_device, resolve_strategy, root_gathered,
+                                 shard_fsdp, start_process_group, sum_over_ranks, world_from_env, wrap_ddp)
 from lorafit.errors import LorafitError, TrainingInterrupted
 from lorafit.fast import (SpeedUp, store_frozen_weights, use_fast_attention_dropout, use_fast_dropout,
                           use_fused_gated_mlp, use_fused_rms_norm)
@@ -248,7 +248,8 @@ def tokenize_splits(recipe: Recipe, s: Setup, console: Console) -> dict[str, Spl
     return splits
 
 
-def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, dtype: torch.dtype) -> list[str]:
+def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, dtype: torch.dtype,
+                  sharded: bool = False) -> list[str]:
     """Move the model to `device` and switch on the speed-ups; returns what was done, for the log.
 
     None of them changes the model's forward math: cheaper dropout masks, frozen weights stored in
@@ -257,6 +258,10 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, 
     checkpointing and torch.compile. Each patch of the model's code switches on only where its
     probe agrees with the model's own (`fast.probe`); where one declines, the notes say where and why.
     The task probes what its own fast paths need here too (`Task.prepare`: a causal LM's loss path).
+
+    For a model FSDP will shard (`sharded`), three speed-ups stay off: the unpadded encoder runs a
+    block's layers one by one, past the block's forward where FSDP gathers its weights; frozen
+    weights in bf16 and the shared autocast copy are untested on shards.
     """
     notes = []
 
@@ -270,14 +275,15 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, 
         note(use_fast_attention_dropout(model))
         if use_fast_dropout(model):
             notes.append("fast dropout")
-        if not recipe.train.gradient_checkpointing:
+        if not recipe.train.gradient_checkpointing and not sharded:
             note(use_unpadded_encoder(model))
-    if dtype != torch.float32 and store_frozen_weights(model, dtype):
+    if dtype != torch.float32 and not sharded and store_frozen_weights(model, dtype):
         notes.append("frozen weights in bf16")
     note(use_fused_gated_mlp(model, dtype))
     if dtype != torch.float32:
         note(use_fused_rms_norm(model))
-        note(use_shared_autocast_copy(model, dtype))
+        if not sharded:
+            note(use_shared_autocast_copy(model, dtype))
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         notes.append("gradient checkpointing")
@@ -347,7 +353,7 @@ def run(recipe: Recipe, world: World, strategy: str | None, device: torch.device
     dtype = resolve_precision(recipe.train.precision, device)
     splits = tokenize_splits(recipe, s, console)
     autocast = autocast_for(device, dtype)
-    notes = prepare_model(s.model, recipe, device, dtype)
+    notes = prepare_model(s.model, recipe, device, dtype, sharded=strategy == "fsdp")
     release_free_memory()
     console.print(f"[bold]device[/] {device.type}, precision {precision_name(dtype)}"
                   f"{'; ' + ', '.join(notes) if notes else ''}; "
@@ -516,11 +522,12 @@ def evaluate_split(task: Task, model: torch.nn.Module, split: Split, name: str, 
 
 
 def write_checkpoint(out: Path, s: Setup, optimizer: torch.optim.Optimizer, scheduler, progress: dict,
-                     keep: int | None, rng_states: list[dict] | None = None) -> Path:
+                     keep: int | None, rng_states: list[dict] | None = None, optimizer_state: dict | None = None) -> Path:
     """checkpoints/step-N for the current step, with every rank's `rng_states` (default: this
-    process's); only the newest `keep` are kept (None: all)."""
+    process's) and `optimizer_state` (default: the optimizer's); only the newest `keep` are kept
+    (None: all)."""
     path = save_checkpoint(out / "checkpoints" / f"step-{progress['step']}", s.model, s.plan, s.spec, optimizer,
-                           scheduler, progress, rng_states)
+                           scheduler, progress, rng_states, optimizer_state)
     if keep:
         prune_checkpoints(out, keep)
     return path
@@ -548,6 +555,9 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train_split), cfg.batch_size * world.size,
                                                                 cfg.grad_accum_steps)
     warmup_steps = round(recipe.optim.warmup_ratio * total_steps)
+    # Wrapped first: FSDP replaces the parameters by shards, which the optimizer must hold.
+    loss_of = wrap_for(strategy, s.model, functools.partial(task_loss, task=task, label_smoothing=cfg.label_smoothing),
+                       device, world)
     optimizer = build_optimizer(s.model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_lambda, warmup_steps=warmup_steps, total_steps=total_steps,
@@ -556,25 +566,25 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
     max_norm = recipe.optim.max_grad_norm or float("inf")
     stop = stop if stop is not None else {"signal": None}
     collate_batch = functools.partial(task.collate, multiple=pad_multiple(cfg, device), cap=recipe.data.max_length)
-    loss_of = wrap_for(strategy, s.model, functools.partial(task_loss, task=task, label_smoothing=cfg.label_smoothing),
-                       device, world)
     progress = new_progress()
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(loss_of, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         progress = state["progress"]
     last_checkpoint: Path | None = None
 
     def run_eval(name: str, step: int) -> dict:
-        return evaluate_split(task, s.model, splits[name], name, step, eval_batch_size, pad_id, device, autocast,
-                              metrics_log, console, world)
+        with root_gathered(loss_of):
+            return evaluate_split(task, s.model, splits[name], name, step, eval_batch_size, pad_id, device, autocast,
+                                  metrics_log, console, world)
 
     def checkpoint() -> Path:
         progress["elapsed_s"] = time.perf_counter() - start
         rng_states = gather_objects(rng_state(), world)
+        optim_state = optimizer_state(loss_of, optimizer)
         with full_parameters(s.model, lambda name, p: p.requires_grad):
             return on_main(world, write_checkpoint, out, s, optimizer, scheduler, progress, cfg.keep_checkpoints,
-                           rng_states)
+                           rng_states, optim_state)
 
     progress_bar = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),

@@ -77,22 +77,25 @@ def assert_same_run(single: Path, ddp: Path) -> None:
             assert summary_two[split] == pytest.approx(summary_one[split], abs=1e-5)
 
 
-@pytest.mark.parametrize("task,accum,launcher", [("sequence-classification", 1, "torchrun"),
-                                                 ("sequence-classification", 2, "torchrun"),
-                                                 ("causal-lm", 1, "torchrun"), ("causal-lm", 2, "--nproc")])
-def test_two_ranks_equal_one_process_with_twice_the_batch(task, accum, launcher, tiny_models, lm_model_dirs, toy_data,
-                                                          tmp_path):
+@pytest.mark.parametrize("task,accum,launcher,strategy", [("sequence-classification", 1, "torchrun", "ddp"),
+                                                          ("sequence-classification", 2, "torchrun", "ddp"),
+                                                          ("causal-lm", 1, "torchrun", "ddp"),
+                                                          ("causal-lm", 2, "--nproc", "ddp"),
+                                                          ("sequence-classification", 2, "torchrun", "fsdp"),
+                                                          ("causal-lm", 1, "torchrun", "fsdp")])
+def test_two_ranks_equal_one_process_with_twice_the_batch(task, accum, launcher, strategy, tiny_models, lm_model_dirs,
+                                                          toy_data, tmp_path):
     runs = {}
-    for name, batch_size, nproc in (("single", 8, None), ("ddp", 4, 2)):
+    for name, batch_size, nproc in (("single", 8, None), (strategy, 4, 2)):
         out = tmp_path / name
-        recipe = write_recipe(tmp_path / f"{name}.yaml", task_recipe(
-            task, tiny_models, lm_model_dirs, toy_data, tmp_path, out, batch_size=batch_size, grad_accum_steps=accum))
-        done = lorafit_train(recipe, nproc=nproc, launcher=launcher)
-        assert done.returncode == 0, done.stderr[-4000:]
+        recipe = task_recipe(task, tiny_models, lm_model_dirs, toy_data, tmp_path, out, batch_size=batch_size,
+                             grad_accum_steps=accum, distributed=strategy if nproc else None)
+        done = lorafit_train(write_recipe(tmp_path / f"{name}.yaml", recipe), nproc=nproc, launcher=launcher)
+        assert done.returncode == 0, done.stderr[-20000:]
         runs[name] = (out, done.stdout)
-    assert_same_run(runs["single"][0], runs["ddp"][0])
-    assert f"2 processes (ddp), global batch {8 * accum}" in runs["ddp"][1]
-    steps = [m["step"] for m in read_metrics(runs["ddp"][0]) if "split" not in m]
+    assert_same_run(runs["single"][0], runs[strategy][0])
+    assert f"2 processes ({strategy}), global batch {8 * accum}" in runs[strategy][1]
+    steps = [m["step"] for m in read_metrics(runs[strategy][0]) if "split" not in m]
     assert steps == list(range(1, 2 * -(-3 // accum) + 1))  # 3 global batches per epoch, 2 epochs
 
 
@@ -185,3 +188,34 @@ def test_sigterm_checkpoints_and_every_rank_exits(target, tiny_models, toy_data,
     assert list_checkpoints(out)[-1].name == f"step-{stopped_at}"  # rank 0 saved the step all ranks stopped after
     for pid in workers.values():  # every rank is gone
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_fsdp_stopped_and_resumed_equals_the_uninterrupted_run(tiny_models, toy_data, tmp_path):
+    """FSDP checkpoints gather the adapter and the optimizer's state from the shards: stopped by a
+    signal after a checkpoint and resumed, an FSDP run ends as the uninterrupted one does."""
+    runs = {}
+    for name in ("reference", "run"):
+        raw = resume_recipe(tiny_models, toy_data, tmp_path / name)
+        raw["train"].update(distributed="fsdp", max_steps=12)
+        runs[name] = write_recipe(tmp_path / f"{name}.yaml", raw)
+    done = lorafit_train(runs["reference"], nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "run"
+    proc = start_ddp_run(runs["run"])
+    wait_for_checkpoint(proc, out, 4)
+    os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert "interrupted by signal 15" in stderr
+    assert max(m["step"] for m in read_metrics(out) if "split" not in m) < 12
+    resumed = lorafit_train(runs["run"], "--resume", nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference = tmp_path / "reference"
+    expected = {m["step"]: m["loss"] for m in read_metrics(reference) if "split" not in m}
+    got = {m["step"]: m["loss"] for m in read_metrics(out) if "split" not in m}
+    assert sorted(got) == sorted(expected) == list(range(1, 13))
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+    wa, wb = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (reference, out))
+    assert wa.keys() == wb.keys() and all(v.numel() for v in wb.values())
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], atol=1e-6, rtol=0)
