@@ -77,12 +77,12 @@ def assert_same_run(single: Path, ddp: Path) -> None:
             assert summary_two[split] == pytest.approx(summary_one[split], abs=1e-5)
 
 
-@pytest.mark.parametrize("task,accum,launcher,strategy", [("sequence-classification", 1, "torchrun", "ddp"),
-                                                          ("sequence-classification", 2, "torchrun", "ddp"),
-                                                          ("causal-lm", 1, "torchrun", "ddp"),
-                                                          ("causal-lm", 2, "--nproc", "ddp"),
-                                                          ("sequence-classification", 2, "torchrun", "fsdp"),
-                                                          ("causal-lm", 1, "torchrun", "fsdp")])
+# Each task and each strategy, with and without accumulation (two processes per run are slow on
+# 2 cores, so not every combination).
+@pytest.mark.parametrize("task,accum,launcher,strategy", [("sequence-classification", 2, "torchrun", "ddp"),
+                                                          ("causal-lm", 1, "--nproc", "ddp"),
+                                                          ("sequence-classification", 1, "torchrun", "fsdp"),
+                                                          ("causal-lm", 2, "torchrun", "fsdp")])
 def test_two_ranks_equal_one_process_with_twice_the_batch(task, accum, launcher, strategy, tiny_models, lm_model_dirs,
                                                           toy_data, tmp_path):
     runs = {}
@@ -91,7 +91,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(task, accum, launcher,
         recipe = task_recipe(task, tiny_models, lm_model_dirs, toy_data, tmp_path, out, batch_size=batch_size,
                              grad_accum_steps=accum, distributed=strategy if nproc else None)
         done = lorafit_train(write_recipe(tmp_path / f"{name}.yaml", recipe), nproc=nproc, launcher=launcher)
-        assert done.returncode == 0, done.stderr[-20000:]
+        assert done.returncode == 0, done.stderr[-4000:]
         runs[name] = (out, done.stdout)
     assert_same_run(runs["single"][0], runs[strategy][0])
     assert f"2 processes ({strategy}), global batch {8 * accum}" in runs[strategy][1]
