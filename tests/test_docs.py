@@ -33,7 +33,7 @@ def test_recipe_reference_has_every_key_with_its_default():
     rows = {key.strip("`"): (default, meaning) for key, default, meaning in load_reference_script().rows()}
     assert rows["lora.rank"] == ("8", "r: the rank of the update B·A.")
     assert rows["lora.target_modules"][0] == "`[query, value]`"
-    assert rows["optim.lr"][0] == "0.0005"
+    assert rows["optim.lr"][0] == "0.0005" and rows["lora.alpha"][0] == "16"
     assert rows["train.eval_every"][0] == "200"
     assert rows["data.eval_split"][0] == "null"
     assert rows["optim.scheduler"][1].endswith("One of: `linear`, `cosine`, `constant`.")
