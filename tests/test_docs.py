@@ -53,3 +53,19 @@ def test_scripts_and_modules_named_in_docs_exist():
     named = named_in_docs(r"(?:scripts|lorafit|tests)/[\w/]+\.(?:py|sh)") | named_in_docs(r"docs/\w+\.md")
     assert {"scripts/bench.py", "scripts/recipe_reference.py", "docs/performance.md"} <= named
     assert [path for path in sorted(named) if not (ROOT / path).exists()] == []
+
+
+def heading_anchors(doc: Path) -> set[str]:
+    """The anchors GitHub gives a markdown file's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", doc.read_text(), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_links_between_docs_resolve():
+    broken = []
+    for doc in DOCS:
+        for target, anchor in re.findall(r"\]\(([\w./-]*\.md|)(?:#([\w-]+))?\)", doc.read_text()):
+            path = (doc.parent / target).resolve() if target else doc
+            if not path.exists() or (anchor and anchor not in heading_anchors(path)):
+                broken.append(f"{doc.name}: ({target}#{anchor})")
+    assert broken == []
