@@ -140,7 +140,8 @@ def cpu_share(world: World) -> int:
 
 
 def rank_device(world: World, device_type: str) -> torch.device:
-    """This rank's device: `cuda:LOCAL_RANK` on GPUs, or the CPU with `cpu_share` threads."""
+    """This rank's device: `cuda:LOCAL_RANK` on GPUs, or the CPU, with `cpu_share` threads under
+    torchrun (one process keeps torch's own thread count, or OMP_NUM_THREADS)."""
     if device_type == "cuda":
         count = torch.cuda.device_count()
         if world.local_rank >= count:
@@ -148,7 +149,8 @@ def rank_device(world: World, device_type: str) -> torch.device:
                                f"start at most {count} (--nproc {count})")
         torch.cuda.set_device(world.local_rank)
         return torch.device("cuda", world.local_rank)
-    torch.set_num_threads(cpu_share(world))
+    if world.launched:
+        torch.set_num_threads(cpu_share(world))
     return torch.device("cpu")
 
 
