@@ -485,3 +485,78 @@ class Seq2Seq(Task):
         """fp32 logits at the probe targets' positions (padding left out)."""
         logits = model(**batch, use_cache=False).logits.float()
         return logits[batch["labels"] != IGNORE]
+
+    # ------------------------------------------------------------ inference
+
+    def eval_report(self, trained, examples: list[dict], split: str, batch_size: int, device: torch.device,
+                    autocast: Callable, console, num_beams: int = 1) -> dict:
+        """Loss, perplexity, BLEU and chrF on `examples`, tokenized as training did (the recipe's
+        source prefix and target length), translated greedily or by beam search (`num_beams`); and
+        every translation beside its source and reference ("samples")."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        check_beams(num_beams)
+        cfg = data_settings(trained)
+        tokens = tokenize_pairs(examples, trained.tokenizer, cfg, trained.max_length)
+        trained.model.to(device)
+        progress = Progress(TextColumn(f"[bold]eval {split}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console, transient=True)
+        with progress:
+            bar = progress.add_task(split, total=len(tokens))
+            metrics, translations = score_split(trained.model, tokens, batch_size, trained.tokenizer.pad_token_id,
+                                                device, autocast, num_beams, lambda n: progress.advance(bar, n))
+        samples = [{"source": e["source"], "reference": e["target"], "translation": t}
+                   for e, t in zip(examples, translations)]
+        return {"examples": len(examples), "source_prefix": cfg.source_prefix,
+                "max_target_length": tokens.max_target_length, "num_beams": num_beams, **metrics, "samples": samples}
+
+    def report_table(self, report: dict):
+        from rich.table import Table
+
+        decoding = "greedy" if report["num_beams"] == 1 else f"beam search, {report['num_beams']} beams"
+        table = Table(title=f"{report.get('split', 'eval')} ({report['examples']} examples, {decoding})",
+                      show_header=False)
+        for key, label in (("bleu", "BLEU"), ("chrf", "chrF"), ("loss", "loss"), ("perplexity", "perplexity")):
+            table.add_row(label, f"{report[key]:.4f}" if key in ("loss", "perplexity") else f"{report[key]:.2f}")
+        table.add_row("target tokens scored", str(report["tokens"]))
+        for sample in report["samples"][:SAMPLES_SHOWN]:
+            table.add_row("source / reference", f"{sample['source']}\n{sample['reference']}")
+            table.add_row("translation", sample["translation"])
+        return table
+
+    def generate(self, trained, prompt: str, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+                 num_beams: int = 1, on_text: Callable[[str], None] | None = None, **options) -> str:
+        """The model's output for the source text `prompt` (with the recipe's source prefix, truncated
+        as training truncated sources): greedy for temperature 0, else sampled; beam search with
+        `num_beams` > 1. Streamed to `on_text` piece by piece, or whole once beam search ends."""
+        from lorafit.device import autocast_for, pick_device, resolve_precision
+        from lorafit.generate import CallbackStreamer, check_sampling, sampling_options
+
+        check_sampling(max_new_tokens, temperature, top_p)
+        check_beams(num_beams)
+        cfg, tokenizer = data_settings(trained), trained.tokenizer
+        ids = tokenizer(cfg.source_prefix + prompt, truncation=True, max_length=trained.max_length)["input_ids"]
+        device = pick_device()
+        dtype = resolve_precision(trained.train_config.precision, device)
+        trained.model.to(device)
+        stream = on_text is not None and num_beams == 1  # transformers streams one hypothesis only
+        streamer = CallbackStreamer(tokenizer, on_text) if stream else None
+        (out,) = translate_ids(trained.model, [ids], tokenizer.pad_token_id, max_new_tokens, num_beams, device,
+                               autocast_for(device, dtype), streamer, **sampling_options(temperature, top_p))
+        text = tokenizer.decode(out, skip_special_tokens=True).strip()
+        if on_text is not None and not stream:
+            on_text(text)
+        return text
+
+
+def check_beams(num_beams: int) -> None:
+    if num_beams < 1:
+        raise LorafitError(f"--num-beams {num_beams}: use 1 (greedy) or more (beam search), e.g. 4")
+
+
+def data_settings(trained):
+    """The data section a trained model's inputs are prepared by: its recipe's, else the defaults
+    (no source prefix)."""
+    from lorafit.recipe import DataConfig
+
+    return trained.recipe.data if trained.recipe else DataConfig()
