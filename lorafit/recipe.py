@@ -145,7 +145,8 @@ class DataConfig:
     max_train_samples: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
     """Use only the first N training examples (after the eval hold-out); handy for smoke runs."""
     max_eval_samples: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
-    """Use only the first N examples of the eval and test splits."""
+    """Use only the first N examples of the eval and test splits (seq2seq: also the ones translated for BLEU and chrF
+    at every evaluation, the slow part of it)."""
     cache: bool = True
     """Keep tokenized splits in a content-hashed cache ($LORAFIT_CACHE, else ~/.cache/lorafit) so later runs skip tokenizing."""
 

@@ -306,3 +306,157 @@ def test_evaluate_scores_greedy_translations_with_sacrebleu():
     split.references = greedy
     metrics = task.evaluate(model, split, batch_size=4, pad_id=PAD)
     assert metrics["bleu"] == pytest.approx(100.0) and metrics["chrf"] == pytest.approx(100.0)
+
+
+# ---------------------------------------------------------------- training, PEFT both ways, the CLI
+
+
+def s2s_recipe(model_dir: Path, files: dict[str, Path], output_dir: Path, **sections) -> dict:
+    recipe = {
+        "name": "s2s", "seed": 0,
+        "model": {"name": str(model_dir), "task": "seq2seq"},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"path": "json", "data_files": {k: str(v) for k, v in files.items()}, "source_column": "en",
+                 "target_column": "de", "source_prefix": "translate : ", "eval_split": "validation",
+                 "test_split": "test", "max_length": 16, "max_target_length": 8},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "train": {"max_steps": 6, "batch_size": 8, "precision": "fp32", "log_every": 2, "eval_every": 3,
+                  "save_every": None, "output_dir": str(output_dir)},
+    }
+    for section, values in sections.items():
+        recipe[section].update(values)
+    return recipe
+
+
+@pytest.fixture(scope="module")
+def s2s_runs(s2s_models, number_data, tmp_path_factory) -> dict[str, Path]:
+    """Six fp32 training steps per architecture, so that lora_B is no longer zero."""
+    from rich.console import Console
+
+    from lorafit.recipe import recipe_from_dict
+    from lorafit.train import train
+
+    runs = {}
+    for kind, model_dir in s2s_models.items():
+        out = tmp_path_factory.mktemp(f"s2s-run-{kind}")
+        train(recipe_from_dict(s2s_recipe(model_dir, number_data["columns"], out)), console=Console(quiet=True),
+              overwrite=True)
+        runs[kind] = out
+    return runs
+
+
+def teacher_forced_logits(model) -> torch.Tensor:
+    """Logits at every target position of a fixed batch (decoder inputs from the labels)."""
+    batch = random_batch()
+    model.eval()
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart", "marian"])
+def test_peft_loads_our_adapter_with_same_logits(kind, s2s_models, s2s_runs):
+    import warnings
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lorafit.adapter import CONFIG_FILE, WEIGHTS_FILE, load_adapter_model
+
+    peft = pytest.importorskip("peft")
+    adapter = s2s_runs[kind] / "adapter"
+    assert json.loads((adapter / CONFIG_FILE).read_text())["task_type"] == "SEQ_2_SEQ_LM"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        theirs = peft.PeftModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(s2s_models[kind]), adapter)
+    messages = [str(w.message).lower() for w in caught]
+    assert not [m for m in messages if "missing" in m or "unexpected" in m or "unknown" in m], messages
+    assert type(theirs).__name__ == "PeftModelForSeq2SeqLM"
+    ours, _, spec = load_adapter_model(adapter)
+    assert spec.task == "seq2seq"
+    torch.testing.assert_close(teacher_forced_logits(theirs), teacher_forced_logits(ours), atol=1e-5, rtol=0)
+    lora_b = [v for k, v in load_file(adapter / WEIGHTS_FILE).items() if k.endswith("lora_B.weight")]
+    assert lora_b and all(b.abs().sum() > 0 for b in lora_b)
+
+
+PEFT_TARGETS = {"t5": ["q", "v", "wo"], "bart": ["q_proj", "v_proj", "fc2"], "marian": ["k_proj", "out_proj", "fc1"]}
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart", "marian"])
+def test_we_load_a_peft_adapter_with_same_logits(kind, s2s_models, tmp_path):
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lorafit.adapter import load_adapter_model
+
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(task_type=peft.TaskType.SEQ_2_SEQ_LM, r=4, lora_alpha=8,
+                             target_modules=PEFT_TARGETS[kind])
+    theirs = peft.get_peft_model(AutoModelForSeq2SeqLM.from_pretrained(s2s_models[kind]), config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.2)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours, _, spec = load_adapter_model(tmp_path / "peft")
+    assert spec.task == "seq2seq"
+    expected = teacher_forced_logits(theirs)
+    torch.testing.assert_close(teacher_forced_logits(ours), expected, atol=1e-5, rtol=0)
+    assert (expected - teacher_forced_logits(AutoModelForSeq2SeqLM.from_pretrained(s2s_models[kind]))).abs().max() > 1e-3
+
+
+def adapter_translation(run_dir: Path, source: str, num_beams: int = 1) -> str:
+    """What HF generate makes of `source` on the run's adapter model (built by lorafit, run by transformers)."""
+    from lorafit.adapter import load_adapter_model
+
+    model, tokenizer, _ = load_adapter_model(run_dir / "adapter")
+    inputs = tokenizer(source, return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=num_beams)
+    return tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def test_cli_train_eval_generate_merge(s2s_models, number_data, tmp_path, run_cli):
+    """train logs BLEU and chrF with its evaluations; eval writes a report of sacrebleu's BLEU and
+    chrF over the translations it lists beside their references (greedy, then beam search);
+    generate translates a text with the recipe's source prefix as HF generate does on the adapter
+    model; the merged model translates as the adapter does."""
+    import sacrebleu
+
+    from conftest import read_metrics, write_recipe
+
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "s2s.yaml", s2s_recipe(s2s_models["bart"], number_data["columns"], run))
+    assert run_cli("train", recipe).exit_code == 0
+    evals = [r for r in read_metrics(run) if r.get("split") == "eval"]
+    assert evals and all({"loss", "perplexity", "bleu", "chrf"} <= set(r) for r in evals), evals
+
+    reports = {}
+    for beams in (1, 2):
+        out = tmp_path / f"eval-{beams}.json"
+        result = run_cli("eval", run, "--num-beams", beams, "--output", out)
+        assert result.exit_code == 0, result.output
+        reports[beams] = report = json.loads(out.read_text())
+        samples = report["samples"]
+        assert report["num_beams"] == beams and report["examples"] == len(samples) == 8
+        assert [s["source"] for s in samples] == [r["en"] for r in pairs(8, 3)]
+        assert [s["reference"] for s in samples] == [r["de"] for r in pairs(8, 3)]
+        hypotheses, references = [s["translation"] for s in samples], [[s["reference"] for s in samples]]
+        assert report["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, references).score)
+        assert report["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, references).score)
+        first = samples[0]["source"]
+        assert samples[0]["translation"] == adapter_translation(run, "translate : " + first, beams)
+
+    result = run_cli("generate", run, "--prompt", "one two three", "--temperature", 0, "--max-new-tokens", 8)
+    assert result.exit_code == 0, result.output
+    translation = adapter_translation(run, "translate : one two three")
+    assert translation and result.stdout.strip().endswith(translation)
+
+    merged = tmp_path / "merged"
+    result = run_cli("merge", run / "adapter", "--output", merged)
+    assert result.exit_code == 0, result.output
+    result = run_cli("generate", merged, "--prompt", "one two three", "--temperature", 0, "--max-new-tokens", 8)
+    assert result.exit_code == 0 and result.stdout.strip().endswith(translation)
+    out = tmp_path / "eval-merged.json"
+    assert run_cli("eval", merged, "--recipe", recipe, "--output", out).exit_code == 0
+    assert [s["translation"] for s in json.loads(out.read_text())["samples"]] == \
+        [s["translation"] for s in reports[1]["samples"]]
