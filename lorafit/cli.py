@@ -125,7 +125,7 @@ def merge(
     console.print(f"[bold green]done[/]: model in {result.output}")
 
 
-NumBeamsOpt = Annotated[int, typer.Option("--num-beams", help="Seq2seq: beam search with this many beams; 1 is greedy.")]
+NumBeamsOpt = Annotated[int, typer.Option("--num-beams", help="Seq2seq: search this many beams (1: greedy).")]
 
 
 @app.command("eval")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import write_jsonl
+
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataConfig, ModelConfig, Recipe, TrainConfig
 
@@ -172,11 +174,6 @@ def test_probe_declines_logits_it_cannot_reproduce_and_the_forward_gives_the_los
 
 
 # ---------------------------------------------------------------- data and tokens
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="session")

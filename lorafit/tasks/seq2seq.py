@@ -30,8 +30,7 @@ from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerp
 from lorafit.data import eval_order, get_split, open_hf, padded_width, split_source
 from lorafit.errors import LorafitError
 from lorafit.fast import LogitTransform, head_cross_entropy, probe_failed
-from lorafit.fast import probe_batch as random_source_batch
-from lorafit.lm import IGNORE, PROBE_LOGIT_STD, logit_transforms
+from lorafit.lm import IGNORE, LogitSwap, logit_transforms, probed_once
 from lorafit.tasks.base import Task, TaskData
 
 TRANSLATION_COLUMN = "translation"  # the column of hub translation datasets: {language: text}
@@ -228,28 +227,26 @@ def probe_loss_path(model) -> Seq2SeqLossPath:
     if head is None:
         return _fallback("no output embedding")
     generator = torch.Generator().manual_seed(0)
+    swap = LogitSwap(generator)
+    seen, replaced = swap.seen, swap.replaced
     decoder_ids: list[torch.Tensor] = []
-    seen: list[torch.Tensor] = []
-    replaced: list[torch.Tensor] = []
 
     def record_decoder_ids(module, args, kwargs):
         decoder_ids.append(kwargs.get("input_ids", args[0] if args else None))
-
-    def swap_logits(module, args, output):
-        seen.append(args[0])
-        replaced.append((torch.randn(output.shape, generator=generator) * PROBE_LOGIT_STD).to(output))
-        return replaced[-1]
 
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        input_ids, attention_mask = random_source_batch(model)
-        labels = torch.randint(0, head.weight.shape[0], (2, 5), generator=generator).to(device)
+        vocab, source_vocab = head.weight.shape[0], model.get_input_embeddings().num_embeddings
+        input_ids = torch.randint(0, source_vocab, (2, 6), generator=generator).to(device)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[1, 4:] = 0  # a shorter source, padded
+        labels = torch.randint(0, vocab, (2, 5), generator=generator).to(device)
         labels[1, 3:] = IGNORE  # a shorter target, padded
         with torch.autocast(device.type, enabled=False):
             hooks = [model.get_decoder().register_forward_pre_hook(record_decoder_ids, with_kwargs=True),
-                     head.register_forward_hook(swap_logits)]
+                     head.register_forward_hook(swap)]
             try:
                 out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
             finally:
@@ -278,7 +275,6 @@ def probe_loss_path(model) -> Seq2SeqLossPath:
     if hidden_scale is not None and not torch.allclose(seen_hidden, hidden * hidden_scale, rtol=1e-5, atol=1e-6):
         return _fallback("its head reads the decoder's last hidden state changed in a way the chunked loss "
                          "does not reproduce")
-    vocab = replaced[0].shape[-1]
     for bias_name in [*_logit_bias_buffers(model, vocab), None]:
         biased = replaced[0] if bias_name is None else replaced[0] + model.get_buffer(bias_name).reshape(-1)
         for transform in [None, *logit_transforms(model.config)]:
@@ -294,11 +290,7 @@ def probe_loss_path(model) -> Seq2SeqLossPath:
 
 def loss_path(model) -> Seq2SeqLossPath:
     """The model's `Seq2SeqLossPath`, probed on first use and kept on the model."""
-    path = getattr(model, "_lorafit_seq2seq_loss_path", None)
-    if path is None:
-        path = probe_loss_path(model)
-        model._lorafit_seq2seq_loss_path = path
-    return path
+    return probed_once(model, "_lorafit_seq2seq_loss_path", probe_loss_path)
 
 
 def seq2seq_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
