@@ -497,3 +497,24 @@ def test_merge_probe_runs_the_decoder_on_targets(s2s_runs, tmp_path, monkeypatch
     with pytest.raises(LorafitError, match="merged model differs from the adapter in fp32"):
         lorafit.merge.merge_adapter(s2s_runs["bart"] / "adapter", tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
+
+
+def test_seq2seq_keys_and_beams_belong_to_seq2seq():
+    """Another task's recipe setting a seq2seq data key, or --num-beams given for a task that does not
+    search beams (or below 1), is a one-line error naming the key or option."""
+    from lorafit.inference import check_num_beams
+    from lorafit.recipe import RecipeError, recipe_from_dict
+    from lorafit.tasks import get_task
+
+    raw = {"name": "r", "model": {"name": "m", "task": "causal-lm"}, "data": {"target_column": "de",
+                                                                            "source_prefix": "x: "}}
+    with pytest.raises(RecipeError) as err:
+        recipe_from_dict(raw)
+    assert err.value.problems == ["data.target_column: only for model.task: seq2seq",
+                                  "data.source_prefix: only for model.task: seq2seq"]
+    check_num_beams(get_task("seq2seq"), 4)
+    with pytest.raises(LorafitError, match=r"^--num-beams 4: causal-lm models do not decode by beam search \(only "
+                                           r"seq2seq\); leave out --num-beams$"):
+        check_num_beams(get_task("causal-lm"), 4)
+    with pytest.raises(LorafitError, match=r"^--num-beams 0: use 1 \(greedy\) or more"):
+        check_num_beams(get_task("seq2seq"), 0)
