@@ -189,6 +189,31 @@ def logit_transforms(config) -> list[LogitTransform]:
     return [LogitTransform(**{kind: v}) for v in values for kind in ("scale", "divisor", "softcap")]
 
 
+class LogitSwap:
+    """A forward hook for an output embedding, for the loss-path probes: keeps what the head reads
+    (`seen`, one entry per call) and returns random logits in place of what it computes (`replaced`,
+    std PROBE_LOGIT_STD, drawn from `generator`)."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+        self.seen: list[torch.Tensor] = []
+        self.replaced: list[torch.Tensor] = []
+
+    def __call__(self, module, args, output):
+        self.seen.append(args[0])
+        self.replaced.append((torch.randn(output.shape, generator=self.generator) * PROBE_LOGIT_STD).to(output))
+        return self.replaced[-1]
+
+
+def probed_once(model, attribute: str, probe):
+    """`probe(model)`, computed on first use and kept on the model as `attribute`."""
+    result = getattr(model, attribute, None)
+    if result is None:
+        result = probe(model)
+        setattr(model, attribute, result)
+    return result
+
+
 def _fallback(reason: str) -> LossPath:
     return LossPath(None, None, f"LM loss from the model's forward ({reason})")
 
@@ -209,17 +234,11 @@ def probe_loss_path(model) -> LossPath:
     if head is None:
         return _fallback("no output embedding")
     generator = torch.Generator().manual_seed(0)
-    seen: list[torch.Tensor] = []
-    replaced: list[torch.Tensor] = []
-
-    def swap_logits(module, args, output):
-        seen.append(args[0])
-        replaced.append((torch.randn(output.shape, generator=generator) * PROBE_LOGIT_STD).to(output))
-        return replaced[-1]
-
+    swap = LogitSwap(generator)
+    seen, replaced = swap.seen, swap.replaced
     was_training = model.training
     model.eval()
-    hook = head.register_forward_hook(swap_logits)
+    hook = head.register_forward_hook(swap)
     try:
         device = next(model.parameters()).device
         inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (2, 8), generator=generator).to(device)}
@@ -248,11 +267,7 @@ def probe_loss_path(model) -> LossPath:
 
 def loss_path(model) -> LossPath:
     """The model's `LossPath`, probed on first use and kept on the model."""
-    path = getattr(model, "_lorafit_loss_path", None)
-    if path is None:
-        path = probe_loss_path(model)
-        model._lorafit_loss_path = path
-    return path
+    return probed_once(model, "_lorafit_loss_path", probe_loss_path)
 
 
 def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
