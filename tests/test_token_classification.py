@@ -1,0 +1,267 @@
+"""Token classification (`model.task: token-classification`): data, label alignment, the loss the
+model defines, seqeval scores, entities with offsets, PEFT TOKEN_CLS adapters, merge, the CLI end to end.
+
+The toy data: sentences of filler words and keyword entities (conftest.KEYWORDS: `ball goal` is a
+SPORTS entity, `orbit` a SPACE one), tagged IOB2, so a tiny model learns them in a few steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import FILLER, KEYWORDS, make_tokenizer, write_jsonl
+from test_heads import shrink
+from transformers import CONFIG_MAPPING, AutoModelForTokenClassification
+
+from lorafit.errors import LorafitError
+from lorafit.recipe import DataConfig
+from lorafit.tasks.token_classification import (IGNORE, TaggedSentences, TokenClassification, entity_spans,
+                                                read_conll, scores, tokenize_sentences)
+
+TASK = TokenClassification()
+
+
+def toy_sentences(n: int, seed: int) -> list[dict]:
+    """Rows {"tokens", "ner_tags"}: filler words tagged O around one or two keyword entities (1-2 words)."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.choices(FILLER, k=rng.randint(2, 5))
+        tags = ["O"] * len(words)
+        for _ in range(rng.randint(1, 2)):
+            kind = rng.choice(sorted(KEYWORDS))
+            entity = rng.sample(KEYWORDS[kind], rng.randint(1, 2))
+            at = rng.randint(0, len(words))
+            words[at:at] = entity
+            tags[at:at] = [f"B-{kind.upper()}"] + [f"I-{kind.upper()}"] * (len(entity) - 1)
+        rows.append({"tokens": words, "ner_tags": tags})
+    return rows
+
+
+def wordpiece_tokenizer():
+    """BERT-style WordPiece: `football` is `foot ##ball`, `rockets` is `rocket ##s`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "foot", "##ball", "rocket", "##s", "goal", "fly", "."]
+    core = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    core.post_processor = processors.BertProcessing(("[SEP]", 3), ("[CLS]", 2))
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]")
+
+
+def byte_level_tokenizer():
+    """GPT-2/RoBERTa-style byte-level BPE, trained here on words without `football` and `rockets` (which
+    become `Ġfoot bal l` and `Ġrocket s`): a word's first token carries the space before it, and its
+    character offsets start at that space."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<pad>"])
+    core.train_from_iterator(["the foot ball goal rocket fly"] * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>")
+
+
+def sentences(*rows: tuple[list[str], list[str]]) -> TaggedSentences:
+    names = sorted({t for _, tags in rows for t in tags})
+    return TaggedSentences([w for w, _ in rows], [[names.index(t) for t in tags] for _, tags in rows], names)
+
+
+# ---------------------------------------------------------------- label alignment
+
+
+@pytest.mark.parametrize("make", [wordpiece_tokenizer, byte_level_tokenizer], ids=["wordpiece", "byte-level-bpe"])
+def test_tag_goes_on_the_first_sub_word_only(make):
+    tokenizer = make()
+    data = sentences((["the", "football", "rockets", "fly"], ["O", "B-X", "I-X", "O"]))
+    split = tokenize_sentences(data, tokenizer, max_length=32)
+    tokens = tokenizer.convert_ids_to_tokens(split.input_ids[0])
+    by_word = {}
+    for position, token in enumerate(tokens):
+        by_word.setdefault(token.lstrip("Ġ#"), position)
+    # The first piece of `football` is `foot`, of `rockets` is `rocket`; their second pieces get no label.
+    names = data.names  # ["B-X", "I-X", "O"]
+    first = [by_word["the"], by_word["foot"], by_word["rocket"], by_word["fly"]]
+    assert split.first_tokens[0] == first
+    expected = [IGNORE] * len(tokens)
+    for position, tag in zip(first, ["O", "B-X", "I-X", "O"]):
+        expected[position] = names.index(tag)
+    assert split.labels[0] == expected
+    assert sum(label != IGNORE for label in split.labels[0]) == 4 < len(tokens) - 2
+
+    every = tokenize_sentences(data, tokenizer, max_length=32, label_all_subwords=True)
+    # Every piece of a word carries its tag; special tokens still carry none.
+    owner = {p: w for w, p in enumerate(first)}
+    word = -1
+    for position, label in enumerate(every.labels[0]):
+        word = owner.get(position, word)
+        special = tokens[position] in ("[CLS]", "[SEP]")
+        assert label == (IGNORE if special else data.tags[0][word]), (position, tokens[position])
+
+
+def test_words_cut_off_by_max_length_are_counted_and_scored_as_o(caplog):
+    data = sentences((["the", "ball", "goal", "orbit", "moon"], ["O", "B-SPORTS", "I-SPORTS", "B-SPACE", "I-SPACE"]),
+                     (["the", "orbit"], ["O", "B-SPACE"]))
+    with caplog.at_level("INFO"):
+        split = tokenize_sentences(data, make_tokenizer(), max_length=4)  # [CLS] + 3 words
+    assert split.words_truncated == 2 and split.first_tokens[0] == [1, 2, 3, -1, -1]
+    assert "2 words in 1 of 2 sentences are past data.max_length (4 tokens)" in caplog.text
+    metrics = TASK.evaluate(OracleModel(data, make_tokenizer()), split, batch_size=2, pad_id=0)
+    # The cut-off SPACE entity counts as missed: 2 of 3 gold entities found, none predicted wrongly.
+    assert (metrics["precision"], metrics["recall"], metrics["words_truncated"]) == (1.0, 2 / 3, 2)
+    assert metrics["token_accuracy"] == 5 / 7
+
+
+class OracleModel(torch.nn.Module):
+    """Logits that put each token's known tag first: evaluation on it scores every word it sees right."""
+
+    def __init__(self, data: TaggedSentences, tokenizer):
+        super().__init__()
+        self.tag_of = {tokenizer.convert_tokens_to_ids(w): t
+                       for words, tags in zip(data.words, data.tags) for w, t in zip(words, tags)}
+        self.num_labels = len(data.names)
+
+    def forward(self, input_ids, attention_mask):
+        tags = torch.tensor([[self.tag_of.get(int(i), 0) for i in row] for row in input_ids])
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(tags, self.num_labels).float()})
+
+
+# ---------------------------------------------------------------- the loss the model defines
+
+ARCHITECTURES = ["bert", "roberta", "distilbert", "deberta-v2", "electra", "gpt2", "llama"]
+
+
+def tiny_tagger(model_type: str, num_labels: int):
+    torch.manual_seed(0)
+    config = CONFIG_MAPPING[model_type]()
+    shrink(config, {"pad_token_id": 0})
+    config.num_labels = num_labels
+    return AutoModelForTokenClassification.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_summed_loss_is_the_models_own_loss_times_the_targets(model_type):
+    data = TaggedSentences([r["tokens"] for r in toy_sentences(4, seed=0)], [], ["B-A", "I-A", "O"])
+    data.tags = [[random.Random(i).randrange(3) for _ in words] for i, words in enumerate(data.words)]
+    model = tiny_tagger(model_type, 3)
+    for every in (False, True):
+        split = tokenize_sentences(data, make_tokenizer(), max_length=16, label_all_subwords=every)
+        batch = TASK.collate(split, [0, 1, 2, 3], pad_id=0)
+        count = TASK.count_targets(batch)
+        assert count == sum(len(w) for w in data.words)  # one target per word: the toy tokenizer has no sub-words
+        with torch.no_grad():
+            own = model(**batch).loss * count
+            ours = TASK.loss(model, batch)
+        torch.testing.assert_close(ours, own, rtol=1e-6, atol=1e-5)
+
+
+# ---------------------------------------------------------------- seqeval scores and entities
+
+
+def test_scores_under_each_scheme():
+    # IOB2 as conlleval reads it: PER found, LOC missed, one ORG predicted wrongly.
+    gold = [["B-PER", "I-PER", "O", "B-LOC"], ["O", "O"]]
+    predicted = [["B-PER", "I-PER", "O", "O"], ["B-ORG", "O"]]
+    got = scores(gold, predicted, "IOB2")
+    assert (got["precision"], got["recall"], got["f1"]) == (0.5, 0.5, 0.5)
+    assert got["token_accuracy"] == 4 / 6
+    assert got["per_entity"] == {"LOC": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1},
+                                 "ORG": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0},
+                                 "PER": {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}}
+    # IOB1: I-X starts an entity, B-X only splits two of the same type. Two PERs here, not one.
+    assert entity_spans(["I-PER", "I-PER", "B-PER", "O"], "IOB1") == [("PER", 0, 2), ("PER", 2, 3)]
+    iob1 = scores([["I-PER", "I-PER", "B-PER", "O"]], [["I-PER", "I-PER", "I-PER", "O"]], "IOB1")
+    assert (iob1["precision"], iob1["recall"]) == (0.0, 0.0)
+    # IOBES (strict): B-E is one entity, S one more; a B without its E is no entity.
+    assert entity_spans(["B-LOC", "E-LOC", "O", "S-PER"], "IOBES") == [("LOC", 0, 2), ("PER", 3, 4)]
+    iobes = scores([["B-LOC", "E-LOC", "S-PER"]], [["B-LOC", "I-LOC", "S-PER"]], "IOBES")
+    assert (iobes["precision"], iobes["recall"]) == (1.0, 0.5)
+    # none: token accuracy only.
+    assert scores([["NN", "VB"]], [["NN", "NN"]], "none") == {"token_accuracy": 0.5}
+
+
+# ---------------------------------------------------------------- data
+
+
+CONLL_TEXT = """-DOCSTART- -X- -X- O
+
+EU NNP B-NP B-ORG
+rejects VBZ B-VP O
+German JJ B-NP B-MISC
+
+Peter NNP B-NP B-PER
+Blackburn NNP B-NP I-PER
+"""
+
+
+def test_conll_files_word_and_last_column(tmp_path):
+    (tmp_path / "train.txt").write_text(CONLL_TEXT)
+    (tmp_path / "test.txt").write_text("Peter B-PER\n\n\nGerman B-MISC\n")  # two columns, doubled blank line
+    assert read_conll(tmp_path / "train.txt") == ([["EU", "rejects", "German"], ["Peter", "Blackburn"]],
+                                                  [["B-ORG", "O", "B-MISC"], ["B-PER", "I-PER"]])
+    cfg = DataConfig(path="conll", data_files={"train": str(tmp_path / "train.txt"), "test": str(tmp_path / "test.txt")},
+                     eval_split="train")
+    data = TASK.load_data(cfg, seed=0)
+    assert data.labels == ["B-MISC", "B-ORG", "B-PER", "I-PER", "O"]
+    assert data.test.words == [["Peter"], ["German"]] and data.test.tags == [[2], [0]]
+
+    (tmp_path / "bad.txt").write_text("EU B-ORG\nrejects\n")
+    with pytest.raises(LorafitError) as err:
+        read_conll(tmp_path / "bad.txt")
+    assert str(err.value) == (f"{tmp_path / 'bad.txt'}: line 2 is 'rejects': expected a word and its tag "
+                              f"('WORD TAG', the tag in the last column)")
+
+
+def test_integer_tags_take_their_names_from_the_class_label(tmp_path):
+    names = ["O", "B-SPORTS", "I-SPORTS"]
+    features = datasets.Features({"tokens": datasets.Sequence(datasets.Value("string")),
+                                  "ner_tags": datasets.Sequence(datasets.ClassLabel(names=names))})
+    rows = {"tokens": [["the", "ball", "goal"], ["a", "team"]], "ner_tags": [[0, 1, 2], [0, 1]]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "train.parquet")
+    cfg = DataConfig(path="parquet", data_files={"train": str(tmp_path / "train.parquet")}, eval_split="train",
+                     test_split=None)
+    data = TASK.load_data(cfg, seed=0)
+    assert data.labels == names and data.train.tags == [[0, 1, 2], [0, 1]]
+
+    # Without a ClassLabel, integer tags are their own names, which are no IOB2 tags: the scheme says so.
+    write_jsonl(tmp_path / "ints.jsonl", [{"tokens": w, "ner_tags": t} for w, t in zip(rows["tokens"], rows["ner_tags"])])
+    ints = DataConfig(path="json", data_files={"train": str(tmp_path / "ints.jsonl")}, eval_split="train",
+                      test_split=None)
+    with pytest.raises(LorafitError) as err:
+        TASK.load_data(ints, seed=0)
+    assert str(err.value) == ("data.tag_scheme: the tag '0' of split 'train' is not IOB2 (O, or B/I-TYPE); set "
+                              "data.tag_scheme to the data's scheme, or to none to score token accuracy only")
+    assert TASK.load_data(dataclasses.replace(ints, tag_scheme="none"), seed=0).labels == ["0", "1", "2"]
+
+
+def bad_data(tmp_path, train: list[dict], test: list[dict] | None = None) -> str:
+    files = {"train": str(write_jsonl(tmp_path / "train.jsonl", train))}
+    if test is not None:
+        files["test"] = str(write_jsonl(tmp_path / "test.jsonl", test))
+    cfg = DataConfig(path="json", data_files=files, eval_split="train", test_split="test" if test else None)
+    with pytest.raises(LorafitError) as err:
+        TASK.load_data(cfg, seed=0)
+    return str(err.value)
+
+
+def test_bad_rows_are_named(tmp_path):
+    good = {"tokens": ["the", "ball"], "ner_tags": ["O", "B-SPORTS"]}
+    assert bad_data(tmp_path, [good, {"tokens": ["the", "ball"], "ner_tags": "O B-SPORTS"}]) == (
+        "data.tags_column: row 1 of split 'train' is 'O B-SPORTS', not a list of tags (one per word)")
+    assert bad_data(tmp_path, [good, good, {"tokens": ["the", "ball", "goal"], "ner_tags": ["O", "B-SPORTS"]}]) == (
+        "data.tags_column: row 2 of split 'train' has 2 tags for 3 words (data.tokens_column); give one tag per word")
+    assert bad_data(tmp_path, [{"tokens": "the ball", "ner_tags": ["O", "B-SPORTS"]}]) == (
+        "data.tokens_column: row 0 of split 'train' is 'the ball', not a list of words (strings)")
+    assert bad_data(tmp_path, [good], [good, {"tokens": ["orbit"], "ner_tags": ["B-SPACE"]}]) == (
+        "data.tags_column: row 1 of split 'test' has the tag 'B-SPACE', which the train split lacks; "
+        "known tags: ['B-SPORTS', 'O']")
