@@ -11,6 +11,7 @@ import dataclasses
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import datasets
 import pytest
@@ -20,7 +21,7 @@ from test_heads import shrink
 from transformers import CONFIG_MAPPING, AutoModelForTokenClassification
 
 from lorafit.errors import LorafitError
-from lorafit.recipe import DataConfig
+from lorafit.recipe import DataConfig, TrainConfig
 from lorafit.tasks.token_classification import (IGNORE, TaggedSentences, TokenClassification, entity_spans,
                                                 read_conll, scores, tokenize_sentences)
 
@@ -130,10 +131,26 @@ class OracleModel(torch.nn.Module):
         self.tag_of = {tokenizer.convert_tokens_to_ids(w): t
                        for words, tags in zip(data.words, data.tags) for w, t in zip(words, tags)}
         self.num_labels = len(data.names)
+        self.unknown = data.names.index("O")  # [UNK], [CLS], padding
+        self.config = SimpleNamespace(num_labels=self.num_labels, id2label=dict(enumerate(data.names)))
 
     def forward(self, input_ids, attention_mask):
-        tags = torch.tensor([[self.tag_of.get(int(i), 0) for i in row] for row in input_ids])
+        tags = torch.tensor([[self.tag_of.get(int(i), self.unknown) for i in row] for row in input_ids])
         return type("Out", (), {"logits": torch.nn.functional.one_hot(tags, self.num_labels).float()})
+
+
+def test_predict_gives_entities_with_character_offsets():
+    data = sentences((["the", "ball", "goal", "orbit", "moon", "a"], ["O", "B-SPORTS", "I-SPORTS", "B-SPACE",
+                                                                    "I-SPACE", "O"]))
+    trained = SimpleNamespace(model=OracleModel(data, make_tokenizer()), tokenizer=make_tokenizer(), recipe=None,
+                              max_length=32, train_config=TrainConfig(precision="fp32"))
+    text = "the  ball goal, then\torbit moon a"
+    row, other = TASK.predict(trained, [text, "then the a"], console=None)
+    assert other == {"text": "then the a", "entities": []}
+    # Words split on whitespace: "goal," is one word (its first sub-word, "goal", carries the tag).
+    assert row == {"text": text, "entities": [{"text": "ball goal,", "type": "SPORTS", "start": 5, "end": 15},
+                                              {"text": "orbit moon", "type": "SPACE", "start": 21, "end": 31}]}
+    assert [text[e["start"]:e["end"]] for e in row["entities"]] == ["ball goal,", "orbit moon"]
 
 
 # ---------------------------------------------------------------- the loss the model defines
