@@ -16,14 +16,18 @@ from types import SimpleNamespace
 import datasets
 import pytest
 import torch
-from conftest import FILLER, KEYWORDS, make_tokenizer, write_jsonl
+from conftest import FILLER, KEYWORDS, make_tokenizer, read_metrics, write_jsonl, write_recipe
+from rich.console import Console
+from safetensors.torch import load_file
 from test_heads import shrink
 from transformers import CONFIG_MAPPING, AutoModelForTokenClassification
 
+from lorafit.adapter import load_adapter_model
 from lorafit.errors import LorafitError
-from lorafit.recipe import DataConfig, TrainConfig
+from lorafit.recipe import DataConfig, TrainConfig, recipe_from_dict
 from lorafit.tasks.token_classification import (IGNORE, TaggedSentences, TokenClassification, entity_spans,
                                                 read_conll, scores, tokenize_sentences)
+from lorafit.train import train
 
 TASK = TokenClassification()
 
@@ -110,13 +114,15 @@ def test_tag_goes_on_the_first_sub_word_only(make):
         assert label == (IGNORE if special else data.tags[0][word]), (position, tokens[position])
 
 
-def test_words_cut_off_by_max_length_are_counted_and_scored_as_o(caplog):
+def test_words_cut_off_by_max_length_are_counted_and_scored_as_o():
     data = sentences((["the", "ball", "goal", "orbit", "moon"], ["O", "B-SPORTS", "I-SPORTS", "B-SPACE", "I-SPACE"]),
                      (["the", "orbit"], ["O", "B-SPACE"]))
-    with caplog.at_level("INFO"):
-        split = tokenize_sentences(data, make_tokenizer(), max_length=4)  # [CLS] + 3 words
+    cfg = DataConfig(max_length=4, cache=False)  # [CLS] + 3 words
+    split = TASK.tokenize(data, make_tokenizer(), cfg, cfg.max_length)
     assert split.words_truncated == 2 and split.first_tokens[0] == [1, 2, 3, -1, -1]
-    assert "2 words in 1 of 2 sentences are past data.max_length (4 tokens)" in caplog.text
+    assert TASK.check_split("test", data, split, cfg) == [
+        "test: 2 words in 1 of 2 sentences are past data.max_length (4 tokens); they get no tag, and count as "
+        "predicted O in evaluation"]
     metrics = TASK.evaluate(OracleModel(data, make_tokenizer()), split, batch_size=2, pad_id=0)
     # The cut-off SPACE entity counts as missed: 2 of 3 gold entities found, none predicted wrongly.
     assert (metrics["precision"], metrics["recall"], metrics["words_truncated"]) == (1.0, 2 / 3, 2)
@@ -282,3 +288,119 @@ def test_bad_rows_are_named(tmp_path):
     assert bad_data(tmp_path, [good], [good, {"tokens": ["orbit"], "ner_tags": ["B-SPACE"]}]) == (
         "data.tags_column: row 1 of split 'test' has the tag 'B-SPACE', which the train split lacks; "
         "known tags: ['B-SPORTS', 'O']")
+
+
+# ---------------------------------------------------------------- adapters, merge and the CLI, end to end
+
+
+@pytest.fixture(scope="module")
+def toy_ner(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ner-data")
+    return {split: write_jsonl(root / f"{split}.jsonl", toy_sentences(n, seed))
+            for split, n, seed in (("train", 96, 1), ("validation", 16, 2), ("test", 24, 3))}
+
+
+def save_base_without_head(directory: Path, model_type: str) -> Path:
+    """A tiny `model_type` saved as a pretrained checkpoint is: the body's weights, no tagging head."""
+    model = tiny_tagger(model_type, 3)
+    prefix = model.base_model_prefix + "."
+    state = {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+    model.save_pretrained(directory, state_dict=state)
+    make_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def ner_recipe(base: Path, data: dict[str, Path], out: Path, **train) -> dict:
+    return {
+        "name": "ner", "seed": 0,
+        "model": {"name": str(base), "task": "token-classification"},
+        "lora": {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "data": {"path": "json", "data_files": {k: str(v) for k, v in data.items()}, "eval_split": "validation",
+                 "test_split": "test", "max_length": 32},
+        "optim": {"lr": 1e-2, "warmup_ratio": 0.0, "scheduler": "constant"},
+        "train": {"epochs": 3, "batch_size": 8, "log_every": 5, "eval_every": None, "save_every": None,
+                  "precision": "fp32", "output_dir": str(out), **train},
+    }
+
+
+def tagger_logits(model, texts: list[str]) -> torch.Tensor:
+    """fp32 logits at the real tokens of `texts`."""
+    batch = make_tokenizer()(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits[batch["attention_mask"].bool()].float()
+
+
+PROBE = ["the ball goal and the orbit", "a moon rocket is in the team", "chip"]
+
+
+
+def test_train_eval_predict_merge_end_to_end(toy_ner, tmp_path, run_cli):
+    base = save_base_without_head(tmp_path / "base", "bert")
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "ner.yaml", ner_recipe(base, toy_ner, run))
+    result = run_cli("train", recipe)
+    assert result.exit_code == 0, result.output
+    assert "not in checkpoint classifier" in " ".join(result.stdout.split())
+
+    # eval reproduces the test numbers training logged, with seqeval's entity scores and a per-type table.
+    logged = [m for m in read_metrics(run) if m.get("split") == "test"][-1]
+    assert run_cli("eval", run).exit_code == 0
+    report = json.loads((run / "eval-test.json").read_text())
+    keys = ("loss", "precision", "recall", "f1", "token_accuracy", "words", "words_truncated")
+    assert {k: report[k] for k in keys} == {k: logged[k] for k in keys}
+    assert report["f1"] > 0.8 and report["words_truncated"] == 0
+    assert report["tag_scheme"] == "IOB2" and set(report["per_entity"]) == {"SPACE", "SPORTS", "TECH"}
+    assert sum(s["support"] for s in report["per_entity"].values()) == sum(
+        t.startswith("B-") for row in toy_sentences(24, 3) for t in row["ner_tags"])
+
+    # predict: entities as (span, type, character offsets), as JSON lines.
+    text = "the ball goal  is in   orbit"
+    assert run_cli("predict", run, text, "--output", tmp_path / "p.jsonl").exit_code == 0
+    [row] = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert row == {"text": text, "entities": [{"text": "ball goal", "type": "SPORTS", "start": 4, "end": 13},
+                                              {"text": "orbit", "type": "SPACE", "start": 23, "end": 28}]}
+
+    # merge: the merged model's logits are the adapter's, and it scores the test split alike.
+    assert run_cli("merge", run / "adapter", "-o", tmp_path / "merged").exit_code == 0
+    merged = AutoModelForTokenClassification.from_pretrained(tmp_path / "merged")
+    assert merged.config.id2label == {i: name for i, name in enumerate(report["labels"])}
+    adapter, _, _ = load_adapter_model(run / "adapter")
+    torch.testing.assert_close(tagger_logits(merged, PROBE), tagger_logits(adapter, PROBE), atol=1e-4, rtol=0)
+    assert run_cli("eval", tmp_path / "merged", "--recipe", recipe, "-o", tmp_path / "m.json").exit_code == 0
+    assert json.loads((tmp_path / "m.json").read_text())["f1"] == report["f1"]
+
+
+@pytest.mark.parametrize("model_type", ["bert", "distilbert", "roberta"])
+def test_peft_loads_our_adapter_and_we_load_peft_s(model_type, toy_ner, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = save_base_without_head(tmp_path / "base", model_type)
+    raw = ner_recipe(base, toy_ner, tmp_path / "run", epochs=1)
+    train(recipe_from_dict(raw), console=Console(quiet=True))
+    adapter = tmp_path / "run" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["task_type"] == "TOKEN_CLS" and config["modules_to_save"] == ["classifier"]
+    assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= set(
+        load_file(adapter / "adapter_model.safetensors"))
+
+    # PEFT loads ours (the head random at every load of the base, so it must come from the adapter).
+    ours, _, spec = load_adapter_model(adapter)
+    assert spec.labels == ["B-SPACE", "B-SPORTS", "B-TECH", "I-SPACE", "I-SPORTS", "I-TECH", "O"]
+    fresh = AutoModelForTokenClassification.from_pretrained(base, num_labels=7)
+    theirs = peft.PeftModel.from_pretrained(fresh, adapter)
+    torch.testing.assert_close(tagger_logits(theirs, PROBE), tagger_logits(ours, PROBE), atol=1e-5, rtol=0)
+
+    # We load PEFT's: a TOKEN_CLS adapter with no lorafit.json, its lora_B and head moved off their init.
+    fresh = AutoModelForTokenClassification.from_pretrained(base, num_labels=7)
+    made = peft.get_peft_model(fresh, peft.LoraConfig(task_type=peft.TaskType.TOKEN_CLS, r=4, lora_alpha=8,
+                                                      target_modules=["query", "value"] if model_type != "distilbert"
+                                                      else ["q_lin", "v_lin"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in made.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                param.normal_(0, 0.1)
+    made.save_pretrained(tmp_path / "peft")
+    loaded, _, spec = load_adapter_model(tmp_path / "peft")
+    assert spec.task == "token-classification" and len(spec.labels) == 7
+    torch.testing.assert_close(tagger_logits(loaded, PROBE), tagger_logits(made, PROBE), atol=1e-5, rtol=0)

@@ -15,6 +15,7 @@ from lorafit.tasks.base import Split, Task, TaskData
 REGISTRY = {
     "sequence-classification": "lorafit.tasks.classification:SequenceClassification",
     "causal-lm": "lorafit.tasks.causal_lm:CausalLM",
+    "token-classification": "lorafit.tasks.token_classification:TokenClassification",
 }
 TASK_NAMES = tuple(REGISTRY)
 

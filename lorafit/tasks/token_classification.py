@@ -13,7 +13,6 @@ has no sub-word, counts as predicted "O", and the number of such words is logged
 
 from __future__ import annotations
 
-import logging
 import re
 import warnings
 from contextlib import nullcontext
@@ -26,8 +25,6 @@ import torch.nn.functional as F
 
 from lorafit.errors import LorafitError
 from lorafit.tasks.base import Task, TaskData
-
-log = logging.getLogger(__name__)
 
 IGNORE = -100
 """The label of a position without a target: cross-entropy's `ignore_index`, as transformers uses it."""
@@ -220,6 +217,7 @@ class TokenSplit:
     names: list[str]
     words_truncated: int
     """Words past max_length: they have no sub-word, and count as predicted "O"."""
+    sentences_truncated: int
     scheme: str = "IOB2"
     """The data's tag scheme (`data.tag_scheme`), which evaluation reads entities by."""
 
@@ -293,10 +291,7 @@ def tokenize_sentences(sentences: TaggedSentences, tokenizer, max_length: int, l
             cut_sentences += cut > 0
         labels.append(row)
         first_tokens.append(first)
-    if truncated:
-        log.info(f"{truncated} words in {cut_sentences} of {len(input_ids)} sentences are past data.max_length "
-                 f"({max_length} tokens): they get no tag, and count as predicted O in evaluation")
-    return TokenSplit(input_ids, labels, first_tokens, sentences.tags, sentences.names, truncated,
+    return TokenSplit(input_ids, labels, first_tokens, sentences.tags, sentences.names, truncated, cut_sentences,
                       _scheme_for(sentences.names, scheme))
 
 
@@ -501,6 +496,14 @@ class TokenClassification(Task):
 
     def tokenize(self, examples: TaggedSentences, tokenizer, cfg, max_length: int, train: bool = False) -> TokenSplit:
         return tokenize_sentences(examples, tokenizer, max_length, cfg.label_all_subwords, cfg.tag_scheme, cfg.cache)
+
+    def check_split(self, name: str, examples: TaggedSentences, split: TokenSplit, cfg) -> list[str]:
+        """A note on the words cut off by max_length, if any."""
+        if not split.words_truncated:
+            return []
+        return [f"{name}: {split.words_truncated} words in {split.sentences_truncated} of {len(split)} sentences "
+                f"are past data.max_length ({cfg.max_length} tokens); they get no tag, and count as predicted O "
+                f"in evaluation"]
 
     def collate(self, split: TokenSplit, indices: list[int], pad_id: int, multiple: int = 1,
                 cap: int | None = None) -> dict[str, torch.Tensor]:
