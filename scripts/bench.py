@@ -46,8 +46,9 @@ LORA_RANK, LORA_ALPHA = 8, 16  # the throughput jobs' LoRA, on both sides whatev
 
 
 def texts_and_labels(task: str, n: int, seed: int):
-    from lorafit.data import load_classification_data, load_lm_data
     from lorafit.recipe import load_recipe
+    from lorafit.tasks.causal_lm import load_lm_data
+    from lorafit.tasks.classification import load_classification_data
 
     recipe = load_recipe(ROOT / TASKS[task][0])
     recipe.data.max_train_samples = n
@@ -218,11 +219,11 @@ def worker_tta_peft(eval_every: int, target: float, budget_s: float) -> dict:
     import torch.nn.functional as F
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from lorafit.data import batch_order, collate, load_classification_data, steps_per_epoch, tokenize
-    from lorafit.evaluate import evaluate
+    from lorafit.data import batch_order, steps_per_epoch
     from lorafit.models import load_model, load_tokenizer, resolve_model
     from lorafit.recipe import load_recipe
     from lorafit.device import autocast_for
+    from lorafit.tasks.classification import SequenceClassification, collate, load_classification_data, tokenize
     from lorafit.train import lr_lambda
 
     recipe = load_recipe(ROOT / "configs/newsgroups.yaml")
@@ -258,7 +259,7 @@ def worker_tta_peft(eval_every: int, target: float, budget_s: float) -> dict:
             seconds += time.perf_counter() - start
             step += 1
             if step % eval_every == 0 or step == total or seconds >= budget_s:
-                accuracy = evaluate(model, test_split, 64, tokenizer.pad_token_id, "cpu", bf16)["accuracy"]
+                accuracy = SequenceClassification().evaluate(model, test_split, 64, tokenizer.pad_token_id, "cpu", bf16)["accuracy"]
                 curve.append((step, accuracy, seconds))
                 print(f"peft step {step}: test accuracy {accuracy:.4f} after {seconds / 60:.1f} min", file=sys.stderr,
                       flush=True)
