@@ -14,7 +14,7 @@ No NER corpus is reachable offline here, so the tags are made by rules from the 
 - GROUP: a newsgroup name (`sci.space`, `comp.sys.mac.hardware`: one of the eight Usenet hierarchies).
 
 The text is each post without its headers and quoted lines (the signature is kept: that is where
-names are), cut into paragraphs at blank lines, and paragraphs into pieces of at most 64 words.
+names are), cut into paragraphs at blank lines, and paragraphs into pieces of at most 32 words.
 A piece is a sentence of the output. Every piece with an entity is kept, plus as many pieces
 without one (a fixed-seed sample), so that a small run sees entities often. Tags are IOB2.
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from sklearn.datasets import fetch_20newsgroups
 from sklearn.datasets._twenty_newsgroups import strip_newsgroup_header, strip_newsgroup_quoting
 
-MAX_WORDS = 64
+MAX_WORDS = 32
 EDGE = "<>()[]{},;:\"'!?."  # punctuation around a word that the word rules ignore
 RULES = {
     "EMAIL": re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+"),
