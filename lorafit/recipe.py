@@ -44,11 +44,10 @@ def _rule(check, fix: str) -> dict:
 @dataclass
 class ModelConfig:
     name: str = ""
-    """Hub id (e.g. sentence-transformers/all-MiniLM-L6-v2) or a local model directory."""
-    task: str = field(default=TASK_NAMES[0],
-                      metadata=_rule(lambda v: v in TASK_NAMES, f"use one of {', '.join(TASK_NAMES)}"))
-    """What the model is trained to do (a task in `lorafit.tasks`); picks the AutoModel class, the data, the loss
-    and the metrics."""
+    """Required: a hub id (e.g. sentence-transformers/all-MiniLM-L6-v2) or a local model directory."""
+    task: Literal[TASK_NAMES] = TASK_NAMES[0]  # the registry's names: Literal[("a", "b")] is Literal["a", "b"]
+    """What the model is trained to do (its module in `lorafit/tasks/`); picks the AutoModel class, the data, the
+    loss and the metrics."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub repository. Off unless you trust its author."""
     dropout: float | None = field(default=0.0, metadata=_rule(lambda v: 0 <= v < 1, "use a value in [0, 1), or null"))
@@ -67,13 +66,14 @@ class LoraConfig:
     alpha: float = field(default=16.0, metadata=_rule(lambda v: v > 0, "use a positive number such as 16"))
     """The update is scaled by alpha/rank (or alpha/sqrt(rank) with use_rslora)."""
     dropout: float = field(default=0.1, metadata=_rule(lambda v: 0 <= v < 1, "use a value in [0, 1), e.g. 0.1"))
-    """Dropout on the LoRA branch input."""
+    """Dropout on the LoRA branch input (no dropout op at all when 0)."""
     target_modules: list[str] | str = field(
         default_factory=lambda: ["query", "value"],
         metadata=_rule(lambda v: v == "all-linear" or (isinstance(v, list) and len(v) > 0),
                        'give a non-empty list of module names, or "all-linear"'),
     )
-    """Module names matched in full or as a dotted suffix, or "all-linear" (every Linear/Conv1D but the head)."""
+    """Module names, matched in full or as a dotted suffix (never as a substring), or "all-linear" (every
+    Linear/Conv1D but the output head). Layers inside modules trained in full are left out."""
     modules_to_save: list[str] = field(default_factory=list)
     """Modules trained in full and saved with the adapter. Added automatically: every module the checkpoint
     lacks (the task head), and the modules PEFT takes with the head (names ending in classifier or score)."""
@@ -92,14 +92,15 @@ class LoraConfig:
                        "give {step: mean rank} with steps > 0 and mean ranks >= 1, e.g. {600: 8, 1200: 4}"),
     )
     """{step: mean rank}: after each named optimizer step, truncate every module's update by SVD so that the
-    ranks add up to mean rank × the number of adapted modules, shared between modules by singular-value energy."""
+    ranks add up to mean rank × the number of adapted modules, shared between modules by singular-value energy.
+    Write a space after each colon: YAML reads `700:8` as one base-60 number."""
 
 
 @dataclass
 class DataConfig:
     path: str = "20newsgroups"
-    """`20newsgroups` (scikit-learn's loader), `conll` (token classification: CoNLL-style text files), or anything
-    `datasets.load_dataset` takes (json, csv, parquet, text, a hub name)."""
+    """`20newsgroups` (scikit-learn's loader; it reads $SCIKIT_LEARN_DATA), `conll` (token classification: CoNLL-style
+    text files), or anything `datasets.load_dataset` takes (json, csv, parquet, text, a hub name)."""
     data_files: str | list[str] | dict[str, Any] | None = None
     """For json/csv/parquet/text: a path, a list of paths, or {train: ..., test: ...}."""
     remove: list[str] = field(
@@ -110,10 +111,12 @@ class DataConfig:
     text_column: str = "text"
     """Classification: the input text. Causal LM without prompt/messages columns: the text to model."""
     label_column: str = "label"
-    """Classification only: the class (integers or strings)."""
+    """Classification only: the class, integers or strings (strings map to ids in sorted order, and the names
+    travel with the adapter)."""
     prompt_column: str | None = None
     """Causal LM: prompt + completion data; the loss covers the completion only."""
     completion_column: str | None = None
+    """Causal LM: the completion of prompt + completion data; give both columns or neither."""
     messages_column: str | None = None
     """Causal LM: chat data (lists of {role, content}), rendered with the chat template; loss on assistant turns."""
     prompt_template: str | None = None
@@ -133,26 +136,34 @@ class DataConfig:
     packing: bool = False
     """Causal LM: pack examples into max_length blocks (no padding); attention and loss never cross examples."""
     train_split: str = "train"
+    """The split to train on."""
     eval_split: str | None = None
-    """None: hold out `eval_fraction` of the train split (stratified, seeded)."""
+    """The split to watch training on; null: hold out `eval_fraction` of the train split (stratified by label,
+    seeded)."""
     eval_fraction: float = field(default=0.05, metadata=_rule(lambda v: 0 < v < 1, "use a fraction in (0, 1), e.g. 0.05"))
+    """The share of the train split held out when eval_split is null."""
     test_split: str | None = "test"
-    """None: no test evaluation."""
+    """The split scored at the end of training and by `lorafit eval`; null: no test evaluation."""
     max_length: int = field(default=256, metadata=_rule(lambda v: v > 0, "use a positive number of tokens such as 256"))
-    """Inputs are truncated to this many tokens."""
+    """Inputs are truncated to this many tokens; at most the model's limit."""
     max_train_samples: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
     """Use only the first N training examples (after the eval hold-out); handy for smoke runs."""
     max_eval_samples: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
     """Use only the first N examples of the eval and test splits."""
     cache: bool = True
-    """Keep tokenized splits in a content-hashed cache ($LORAFIT_CACHE, else ~/.cache/lorafit) so later runs skip tokenizing."""
+    """Keep tokenized splits in a content-hashed cache ($LORAFIT_CACHE, else $XDG_CACHE_HOME/lorafit, else
+    ~/.cache/lorafit) so later runs skip tokenizing; the key covers the texts, the tokenizer and every tokenizing
+    setting."""
 
 
 @dataclass
 class OptimConfig:
     name: Literal["adamw", "adam", "sgd"] = "adamw"
+    """The optimizer; sgd with momentum 0.9."""
     lr: float = field(default=5e-4, metadata=_rule(lambda v: v > 0, "use a positive learning rate such as 5.0e-4"))
+    """Peak learning rate."""
     weight_decay: float = field(default=0.01, metadata=_rule(lambda v: v >= 0, "use a value >= 0"))
+    """Applied to matrices, not to biases or norms."""
     scheduler: Literal["linear", "cosine", "constant"] = "linear"
     """Shape of the learning rate after warmup."""
     warmup_ratio: float = field(default=0.06, metadata=_rule(lambda v: 0 <= v < 1, "use a fraction in [0, 1)"))
@@ -164,29 +175,34 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = field(default=3, metadata=_rule(lambda v: v > 0, "use a positive integer"))
+    """Passes over the training split, unless max_steps is set."""
     max_steps: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
     """Optimizer steps to run; overrides `epochs` when set."""
     batch_size: int = field(default=16, metadata=_rule(lambda v: v > 0, "use a positive integer such as 16"))
+    """Examples per micro-batch."""
     grad_accum_steps: int = field(default=1, metadata=_rule(lambda v: v > 0, "use a positive integer"))
     """Micro-batches per optimizer step: the effective batch is batch_size × grad_accum_steps."""
     eval_batch_size: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
     """Batch size for evaluation; null means 2 × batch_size."""
     precision: Literal["fp32", "bf16", "auto"] = "auto"
-    """auto: bf16 where the hardware computes it natively (CPUs with AVX512-BF16/AMX, Ampere+ GPUs), else fp32."""
+    """auto: bf16 autocast where the hardware computes it natively (CPUs with AVX512-BF16/AMX, Ampere+ GPUs), else
+    fp32. LoRA weights and optimizer state stay fp32."""
     group_by_length: bool = True
     """Batch examples of similar length together (shuffled, seeded) so less compute goes to padding."""
     pad_to_multiple_of: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
     """Round each batch's padded length up to a multiple of this; null: 64 on GPUs (few distinct shapes, so
     shape-specialized kernels are planned once), 1 on CPUs (no extra padding)."""
     label_smoothing: float = field(default=0.0, metadata=_rule(lambda v: 0 <= v < 1, "use a fraction in [0, 1), e.g. 0.1"))
-    """Sequence classification: the training loss aims at 1 - x on the true class and spreads x over all classes."""
+    """Sequence classification: the training loss aims at 1 - x on the true class and spreads x over all classes
+    (evaluation losses stay plain)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
     compile: bool = False
-    """torch.compile the model (first steps are slow while it compiles)."""
+    """torch.compile the model (dynamic shapes); compiling takes minutes on a CPU before the first step."""
     log_every: int = field(default=10, metadata=_rule(lambda v: v > 0, "use a positive number of steps"))
+    """Steps between training lines in metrics.jsonl (the loss is their mean)."""
     eval_every: int | None = field(default=200, metadata=_rule(lambda v: v > 0, "use a positive number of steps or null"))
-    """Evaluate every N optimizer steps (and always at the end)."""
+    """Evaluate every N optimizer steps (and always at the end); null: only at the end."""
     eval_splits: list[Literal["eval", "test"]] = field(default_factory=lambda: ["eval"])
     """The splits evaluated every eval_every steps; add test for a test-accuracy curve. The end of training evaluates both."""
     eval_at_start: bool = False
@@ -206,8 +222,9 @@ class TrainConfig:
 @dataclass
 class Recipe:
     name: str = ""
-    """Run name; defaults to the recipe file's stem."""
+    """Run name; defaults to the recipe file's stem. The output goes to runs/<name> unless train.output_dir is set."""
     seed: int = 42
+    """Seeds Python, NumPy and torch, the eval hold-out and the batch order."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -23,7 +23,8 @@ def test_the_registry_lists_the_tasks_and_finds_them_by_peft_task_type():
 
 def test_recipe_task_must_be_a_registered_one():
     assert problems({**MINIMAL, "model": {"name": "m", "task": "translation"}}) == [
-        f"model.task: 'translation' is out of range: use one of {', '.join(TASK_NAMES)}"]
+        "model.task: 'translation' (str) is not valid: expected one of "
+        + ", ".join(repr(name) for name in TASK_NAMES)]
 
 
 def test_data_keys_of_another_task_are_named_with_their_task():
