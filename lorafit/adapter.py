@@ -28,14 +28,12 @@ from lorafit.io import atomic_directory, read_json, write_json
 from lorafit.lora import (LoraPlan, add_lora, is_inside, is_linear, lora_layers, matches, pattern_value, saved_factors,
                           set_lora_factors, start_from_principal)
 from lorafit.lowrank import LoraFactors
+from lorafit.tasks import get_task, task_for_peft_type
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 META_FILE = "lorafit.json"
 PREFIX = "base_model.model."
-PEFT_TASK_TYPES = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
-# Names that PEFT's model class for the task adds to modules_to_save itself, in training and in loading.
-PEFT_TASK_MODULES = {"sequence-classification": ("classifier", "score"), "causal-lm": ()}
 # Options of PEFT's LoraConfig that change the math; lorafit refuses adapters that use them.
 UNSUPPORTED = {"use_dora": False, "bias": "none", "lora_bias": False,
                "layers_to_transform": None, "target_parameters": None, "trainable_token_indices": None}
@@ -50,6 +48,7 @@ class AdapterSpec:
 
     base_model: str
     task: str
+    """The task's name (`lorafit.tasks`)."""
     rank: int
     alpha: float
     dropout: float
@@ -84,11 +83,11 @@ def peft_modules_to_save(model: nn.Module, names: list[str], task: str) -> list[
     """The modules that PEFT trains in full and saves for `modules_to_save=names` on a model for `task`.
 
     PEFT takes every module whose name ends with one of `names` or of its own names for the task
-    (PEFT_TASK_MODULES), comparing plain strings with no dot boundary: `classifier` takes
+    (`Task.peft_head_modules`), comparing plain strings with no dot boundary: `classifier` takes
     DistilBERT's `pre_classifier` too. An adapter must save exactly these, or PEFT cannot load it.
     Outermost modules only, in model order.
     """
-    endings = (*names, *PEFT_TASK_MODULES[task])
+    endings = (*names, *get_task(task).peft_head_modules)
     hits = {n for n, _ in model.named_modules() if n and n.endswith(endings)}
     return [n for n, _ in model.named_modules() if n in hits and not is_inside(n.rpartition(".")[0], hits)]
 
@@ -169,7 +168,7 @@ def adapter_config(spec: AdapterSpec, target_modules: list[str] | str, modules_t
     and the patterns) and the rest of `spec`."""
     return {
         "peft_type": "LORA",
-        "task_type": PEFT_TASK_TYPES[spec.task],
+        "task_type": get_task(spec.task).peft_task_type,
         "base_model_name_or_path": spec.base_model,
         **rank_fields({n: f.rank for n, f in modules.items()}, {n: f.alpha for n, f in modules.items()}),
         "lora_dropout": spec.dropout,
@@ -240,10 +239,12 @@ def read_adapter_spec(directory: Path) -> AdapterSpec:
         raise LorafitError(f"{directory / CONFIG_FILE}: init_lora_weights={init!r}: this adapter works only on "
                            f"the base weights PEFT rewrote at its init; save it from PEFT with "
                            f"path_initial_model_for_weight_conversion to get a plain LoRA for the original base")
-    tasks = {v: k for k, v in PEFT_TASK_TYPES.items()}
-    task = meta.get("task") or tasks.get(config.get("task_type"))
-    if task is None:
-        raise LorafitError(f"{directory / CONFIG_FILE}: task_type {config.get('task_type')!r} is not supported")
+    task = meta.get("task")
+    if task is None:  # PEFT's adapter: its task_type names the task
+        known = task_for_peft_type(config.get("task_type"))
+        if known is None:
+            raise LorafitError(f"{directory / CONFIG_FILE}: task_type {config.get('task_type')!r} is not supported")
+        task = known.name
     try:
         return AdapterSpec(
             base_model=config["base_model_name_or_path"],
@@ -350,7 +351,7 @@ def load_adapter_model(directory: Path, base: str | None = None):
     source = resolve_model(base or spec.base_model, trust_remote_code=trust)
     tokenizer = load_tokenizer(source, trust_remote_code=trust)
     labels = spec.labels
-    if spec.task == "sequence-classification" and not labels:
+    if get_task(spec.task).labels_text and not labels:
         labels = _labels_from_head(weights, spec.modules_to_save)
         if labels is None:
             raise LorafitError(f"{directory}: cannot tell the number of classes (no lorafit.json, no saved head)")

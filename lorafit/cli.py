@@ -157,7 +157,7 @@ def predict_(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Write predictions as JSON lines here.")] = None,
     base: BaseOpt = None,
 ) -> None:
-    """Classify texts: the top label and the probability of every label, per input."""
+    """Label texts with a labelling model: for a classifier, the top label and the probability of every label."""
     from lorafit.inference import run_predict
 
     _quiet_libraries()
@@ -177,8 +177,8 @@ def generate(
         help="Render the prompt as a chat turn (default: as in training, data.use_chat_template).")] = None,
     base: BaseOpt = None,
 ) -> None:
-    """Generate text from a causal LM (a run, an adapter or a merged model), streaming it as it comes."""
-    from lorafit.generate import run_generate
+    """Generate text from a generating model (a run, an adapter or a merged model), streaming it as it comes."""
+    from lorafit.inference import run_generate
 
     _quiet_libraries()
     run_generate(path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, base=base,

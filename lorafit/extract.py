@@ -27,6 +27,7 @@ from lorafit.merge import META_FILE, check_output_dir
 from lorafit.models import load_model, load_tokenizer, resolve_model
 from lorafit.resize import ModuleResize
 from lorafit.spectrum import natural_key
+from lorafit.tasks import Task, all_tasks
 
 
 @dataclass
@@ -44,15 +45,14 @@ class ExtractResult:
     """Parameters outside the adapted layers and saved modules that changed: name -> largest |change|."""
 
 
-def tuned_task(config) -> str:
-    """"sequence-classification" or "causal-lm", from the architecture a model's config names."""
-    architectures = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return "sequence-classification"
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        return "causal-lm"
-    raise LorafitError(f"--tuned: cannot tell what the model does from its config (architectures {architectures}); "
-                       f"extract takes a ...ForSequenceClassification or ...ForCausalLM model")
+def tuned_task(config) -> Task:
+    """The task whose model class the architecture a model's config names belongs to (`Task.claims`)."""
+    task = next((t for t in all_tasks() if t.claims(config.to_dict())), None)
+    if task is None:
+        classes = " or ".join(t.auto_class for t in all_tasks())
+        raise LorafitError(f"--tuned: cannot tell what the model does from its config (architectures "
+                           f"{getattr(config, 'architectures', None) or []}); extract takes a model of {classes}")
+    return task
 
 
 def check_same_shapes(base: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor]) -> None:
@@ -72,7 +72,7 @@ def extract_adapter(base: str, tuned: str, output: Path, rule: RankRule, save_mo
 
     Args:
         base, tuned: model directories or hub ids; `tuned` must name its task in its config
-            (`...ForSequenceClassification` or `...ForCausalLM`), as `save_pretrained` writes it.
+            (e.g. `...ForSequenceClassification` or `...ForCausalLM`), as `save_pretrained` writes it.
         rule: how each layer's rank is chosen (`rank` or `energy`).
         save_modules: modules saved in full besides a classifier's head.
         target_modules: the layers to adapt, as `lora.target_modules` takes them.
@@ -90,16 +90,17 @@ def extract_adapter(base: str, tuned: str, output: Path, rule: RankRule, save_mo
     tuned_source, base_source = resolve_model(str(tuned)), resolve_model(str(base))
     config = AutoConfig.from_pretrained(tuned_source.path, **tuned_source.kwargs)
     task = tuned_task(config)
-    labels = [config.id2label[i] for i in range(config.num_labels)] if task == "sequence-classification" else None
+    labels = [config.id2label[i] for i in range(config.num_labels)] if task.labels_text else None
     tokenizer = load_tokenizer(tuned_source)
-    tuned_model, _ = load_model(tuned_source, task, tokenizer, labels)
-    base_model, base_lacks = load_model(base_source, task, tokenizer, labels)
+    tuned_model, _ = load_model(tuned_source, task.name, tokenizer, labels)
+    base_model, base_lacks = load_model(base_source, task.name, tokenizer, labels)
     tuned_state, base_state = tuned_model.state_dict(), base_model.state_dict()
     check_same_shapes(base_state, tuned_state)
 
     # Saved in full: the modules asked for, those the base checkpoint lacks (a task head), and what
     # PEFT wraps with them (see `peft_modules_to_save`).
-    saved = peft_modules_to_save(tuned_model, find_modules_to_save(tuned_model, list(save_modules)) + base_lacks, task)
+    saved = peft_modules_to_save(tuned_model, find_modules_to_save(tuned_model, list(save_modules)) + base_lacks,
+                                 task.name)
     targets = find_targets(tuned_model, target_modules, exclude=saved)
     tensors: dict[str, torch.Tensor] = {}
     modules: dict[str, LoraFactors] = {}
@@ -128,7 +129,7 @@ def extract_adapter(base: str, tuned: str, output: Path, rule: RankRule, save_mo
     energy = kept / whole if whole > 0 else 1.0
     meta_path = Path(tuned_source.path) / META_FILE  # a model lorafit merged carries its recipe
     meta = read_json(meta_path) if meta_path.is_file() else {}
-    spec = AdapterSpec(base_model=str(base), task=task, rank=0, alpha=0.0, dropout=0.0, target_modules=targets,
+    spec = AdapterSpec(base_model=str(base), task=task.name, rank=0, alpha=0.0, dropout=0.0, target_modules=targets,
                        modules_to_save=saved, labels=labels,
                        meta={**{k: meta[k] for k in ("max_length", "trust_remote_code", "recipe") if k in meta},
                              "extracted_from": {"base": str(base), "tuned": str(tuned), "rule": rule.describe(),

@@ -1,4 +1,4 @@
-"""`lorafit generate`: text from a trained causal LM, streamed as it is produced.
+"""Text from a trained causal LM (`lorafit generate`, exact match in `lorafit eval`), streamed as it is produced.
 
 Prompts are rendered as training renders the prompt of prompt + completion data
 (`lm.prompt_ids`): a user turn plus the assistant header of the chat template when the recipe's
@@ -12,16 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from transformers import TextStreamer
 
+from lorafit.device import autocast_for, pick_device, resolve_precision
 from lorafit.errors import LorafitError
-from lorafit.inference import CausalLM, load_causal_lm
 from lorafit.lm import has_chat_template, prompt_ids
 from lorafit.models import model_max_length
-from lorafit.device import autocast_for, pick_device, resolve_precision
+from lorafit.recipe import DataConfig
 
 
 class CallbackStreamer(TextStreamer):
@@ -117,13 +116,21 @@ def generate_ids(model, tokenizer, prompts: list[list[int]], max_new_tokens: int
     return [cut_at_eos(row, eos) for row in out[:, width:].tolist()]
 
 
-def generate_text(lm: CausalLM, prompt: str, max_new_tokens: int = 128, temperature: float = 0.7,
+def renders_chat(lm) -> bool:
+    """Whether prompts to the loaded model `lm` are rendered with the chat template: the recipe's
+    `data.use_chat_template` (default true) and the tokenizer has one, as training renders prompt +
+    completion data."""
+    wanted = lm.recipe.data.use_chat_template if lm.recipe else DataConfig().use_chat_template
+    return wanted and has_chat_template(lm.tokenizer)
+
+
+def generate_text(lm, prompt: str, max_new_tokens: int = 128, temperature: float = 0.7,
                   top_p: float = 0.9, use_chat_template: bool | None = None,
                   on_text: Callable[[str], None] | None = None) -> str:
     """Generate a continuation of `prompt` with a loaded causal LM and return it as text.
 
     Args:
-        lm: from `inference.load_causal_lm`.
+        lm: a causal LM from `inference.load_trained`.
         prompt: the user's text, rendered as training renders prompts (see the module docstring).
         max_new_tokens: at most this many tokens (fewer when the model's context ends sooner).
         temperature: 0 for greedy decoding, else the sampling temperature.
@@ -138,7 +145,7 @@ def generate_text(lm: CausalLM, prompt: str, max_new_tokens: int = 128, temperat
         LorafitError: out-of-range options, or a prompt that renders to no tokens.
     """
     check_sampling(max_new_tokens, temperature, top_p)
-    chat = lm.use_chat_template if use_chat_template is None else use_chat_template
+    chat = renders_chat(lm) if use_chat_template is None else use_chat_template
     if chat and not has_chat_template(lm.tokenizer):
         raise LorafitError(f"--chat-template: the tokenizer of {lm.path} has no chat template; "
                            f"pass --no-chat-template")
@@ -153,12 +160,3 @@ def generate_text(lm: CausalLM, prompt: str, max_new_tokens: int = 128, temperat
     (new,) = generate_ids(lm.model, lm.tokenizer, [ids], max_new_tokens, temperature, top_p, device,
                           autocast_for(device, dtype), streamer)
     return lm.tokenizer.decode(new, skip_special_tokens=True)
-
-
-def run_generate(path: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.9,
-                 base: str | None = None, use_chat_template: bool | None = None,
-                 on_text: Callable[[str], None] | None = None) -> str:
-    """Load the causal LM at `path` (run, adapter or merged model) and `generate_text` from `prompt`."""
-    check_sampling(max_new_tokens, temperature, top_p)  # before minutes of loading
-    return generate_text(load_causal_lm(path, base), prompt, max_new_tokens, temperature, top_p, use_chat_template,
-                         on_text)

@@ -1,37 +1,33 @@
-"""Using a trained model: load it from a run directory, an adapter or a merged model; score a
-classifier on a labelled split (`lorafit eval`) and label new texts (`lorafit predict`).
+"""Using a trained model of any task: load it from a run directory, an adapter or a merged model;
+score it on a split (`lorafit eval`), label texts (`lorafit predict`) or generate (`lorafit generate`).
 
-Causal LMs load here too (`load_causal_lm`); their scoring is in `lm_inference`, their generation
-in `generate`. `lorafit eval` hands causal LMs to `lm_inference.run_lm_eval`.
-
-Inference runs as training's evaluation does: same device choice, same precision rule
-(`train.precision` of the recipe through `resolve_precision`/`autocast_for`), same eval batch
-size and length-sorted batches. So scoring a run's adapter on its test split reproduces the test
-numbers in the run's metrics.jsonl.
+What each command computes is the model's task's (`lorafit.tasks`); this module finds the model,
+its task and recipe, and runs inference as training's evaluation does: same device choice, same
+precision rule (`train.precision` of the recipe through `resolve_precision`/`autocast_for`), same
+eval batch size and length-sorted batches. So scoring a run's adapter on its test split reproduces
+the test numbers in the run's metrics.jsonl.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from lorafit.adapter import CONFIG_FILE, META_FILE, load_adapter_model, read_adapter_spec
-from lorafit.data import TextSplit, TokenizedSplit, load_labelled_split, tokenize
+from lorafit.device import autocast_for, pick_device, precision_name, resolve_precision
 from lorafit.errors import LorafitError
-from lorafit.evaluate import classification_report, predict
 from lorafit.io import read_json, write_json
-from lorafit.lm import has_chat_template
-from lorafit.models import TASK_CLASSES, ModelSource, load_tokenizer, model_max_length
+from lorafit.models import ModelSource, load_tokenizer, model_max_length
 from lorafit.recipe import DataConfig, Recipe, TrainConfig, load_recipe, recipe_from_dict
-from lorafit.report import metrics_table, plot_confusion
-from lorafit.device import autocast_for, pick_device, resolve_precision
+from lorafit.tasks import Task, all_tasks, get_task
 
 RUN_RECIPE = "recipe.yaml"
 FALLBACK_MAX_LENGTH = 512
@@ -50,16 +46,14 @@ class TrainedModel:
     """--recipe, else the run's recipe.yaml, else the recipe recorded in lorafit.json (if any)."""
     max_length: int
     """Inputs are truncated to this many tokens, as in training."""
+    task: Task
+    labels: list[str] | None = None
+    """The label names in id order (labelling tasks), from the model's config."""
 
     @property
     def train_config(self) -> TrainConfig:
         """The recipe's train section, or the schema's defaults when there is no recipe."""
         return self.recipe.train if self.recipe else TrainConfig()
-
-
-@dataclass
-class Classifier(TrainedModel):
-    labels: list[str]
 
 
 def locate(path: Path) -> tuple[str, Path]:
@@ -77,26 +71,26 @@ def locate(path: Path) -> tuple[str, Path]:
                        f"or a model directory (config.json)")
 
 
-def model_task(kind: str, directory: Path) -> str:
-    """What a located model does: "sequence-classification" or "causal-lm".
-
-    Adapters say so in lorafit.json or PEFT's task_type; merged models in lorafit.json, else their
-    config.json names the architecture (`...ForCausalLM`, GPT-2's `GPT2LMHeadModel`).
-    """
+def model_task(kind: str, directory: Path) -> Task:
+    """What a located model does. Adapters say so in lorafit.json or PEFT's task_type; merged models
+    in lorafit.json, else their config.json names the architecture (a task `claims` it)."""
     if kind != "merged":
-        return read_adapter_spec(directory).task
+        return get_task(read_adapter_spec(directory).task)
     meta = read_json(directory / META_FILE) if (directory / META_FILE).is_file() else {}
     if meta.get("task"):
-        return meta["task"]
-    architectures = read_json(directory / "config.json").get("architectures") or []
-    return "causal-lm" if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures) \
-        else "sequence-classification"
+        return get_task(meta["task"])
+    config = read_json(directory / "config.json")
+    task = next((t for t in all_tasks() if t.claims(config)), None)
+    if task is None:
+        raise LorafitError(f"{directory}: cannot tell the model's task from its config.json (architectures "
+                           f"{config.get('architectures')}) and it has no {META_FILE}")
+    return task
 
 
-def load_merged_model(directory: Path, meta: dict, task: str = "sequence-classification"):
+def load_merged_model(directory: Path, meta: dict, task: Task):
     trust = bool(meta.get("trust_remote_code", False))
     try:
-        model = TASK_CLASSES[task].from_pretrained(directory, dtype="auto", trust_remote_code=trust)
+        model = task.model_class().from_pretrained(directory, dtype="auto", trust_remote_code=trust)
     except (OSError, ValueError) as err:
         raise LorafitError(f"could not load model {directory}: {str(err).splitlines()[0]}") from None
     tokenizer = load_tokenizer(ModelSource(str(directory), str(directory)), trust_remote_code=trust)
@@ -105,14 +99,17 @@ def load_merged_model(directory: Path, meta: dict, task: str = "sequence-classif
     return model.eval(), tokenizer
 
 
-def load_trained(path: Path, kind: str, directory: Path, task: str, base: str | None = None,
-                 recipe_path: Path | None = None):
-    """The model, tokenizer and recipe of a located run, adapter or merged model.
+def load_trained(path: Path, base: str | None = None, recipe_path: Path | None = None) -> TrainedModel:
+    """Load a run directory, an adapter (lorafit's or PEFT's, onto its base or `base`) or a merged model.
 
     The recipe is `recipe_path`, else the run's recipe.yaml, else the one recorded in lorafit.json,
-    else None. Returns (model, tokenizer, recipe, max_length): max_length is the recipe's
-    `data.max_length` (or lorafit.json's), at most the model's limit.
+    else None; `max_length` is the recipe's `data.max_length` (or lorafit.json's), at most the
+    model's limit. Raises `LorafitError` for a path that is none of these, `base` given for a
+    merged model, or files that do not load.
     """
+    path = Path(path)
+    kind, directory = locate(path)
+    task = model_task(kind, directory)
     meta = read_json(directory / META_FILE) if (directory / META_FILE).is_file() else {}
     if kind == "merged":
         if base is not None:
@@ -130,65 +127,37 @@ def load_trained(path: Path, kind: str, directory: Path, task: str, base: str | 
         recipe = None
     limit = model_max_length(model) or FALLBACK_MAX_LENGTH
     max_length = min(recipe.data.max_length if recipe else meta.get("max_length") or limit, limit)
-    return model, tokenizer, recipe, max_length
-
-
-def load_classifier(path: Path, base: str | None = None, recipe_path: Path | None = None) -> Classifier:
-    """Load a run directory, an adapter (lorafit's or PEFT's, onto its base or `base`) or a merged model.
-
-    Raises `LorafitError` for a path that is none of these, a causal LM, `base` given for a merged
-    model, or files that do not load.
-    """
-    path = Path(path)
-    kind, directory = locate(path)
-    if model_task(kind, directory) == "causal-lm":
-        raise LorafitError(f"{path} is a causal language model, not a classifier; "
-                           f"generate text with: lorafit generate {path} --prompt TEXT")
-    model, tokenizer, recipe, max_length = load_trained(path, kind, directory, "sequence-classification", base,
-                                                        recipe_path)
-    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    return Classifier(model, tokenizer, kind, path, recipe, max_length, labels=labels)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)] if task.labels_text else None
+    return TrainedModel(model, tokenizer, kind, path, recipe, max_length, task, labels)
 
 
 @dataclass
-class CausalLM(TrainedModel):
-    @property
-    def use_chat_template(self) -> bool:
-        """Whether prompts are rendered with the chat template: the recipe's `data.use_chat_template`
-        (default true) and the tokenizer has one, as training renders prompt + completion data."""
-        wanted = self.recipe.data.use_chat_template if self.recipe else DataConfig().use_chat_template
-        return wanted and has_chat_template(self.tokenizer)
+class Runtime:
+    """Where and how inference runs: training's device, precision and eval batch size."""
+
+    device: torch.device
+    dtype: torch.dtype
+    autocast: Callable
+    batch_size: int
 
 
-def load_causal_lm(path: Path, base: str | None = None, recipe_path: Path | None = None) -> CausalLM:
-    """Load a causal LM from a run directory, an adapter (onto its base or `base`) or a merged model.
-
-    Raises `LorafitError` for a path that is none of these, a classifier, `base` given for a merged
-    model, or files that do not load.
-    """
-    path = Path(path)
-    kind, directory = locate(path)
-    if model_task(kind, directory) != "causal-lm":
-        raise LorafitError(f"{path} is a sequence-classification model, not a causal language model; "
-                           f"label texts with: lorafit predict {path} TEXT")
-    model, tokenizer, recipe, max_length = load_trained(path, kind, directory, "causal-lm", base, recipe_path)
-    return CausalLM(model, tokenizer, kind, path, recipe, max_length)
-
-
-def run_batches(classifier: Classifier, split: TokenizedSplit, console: Console, what: str):
-    """`evaluate.predict` on the best device, at the recipe's precision, with a progress bar."""
-    cfg = classifier.train_config
+def runtime(trained: TrainedModel) -> Runtime:
+    """The best device and the recipe's precision for `trained`, whose model is moved there."""
+    cfg = trained.train_config
     device = pick_device()
     dtype = resolve_precision(cfg.precision, device)
-    classifier.model.to(device)
+    trained.model.to(device)
+    return Runtime(device, dtype, autocast_for(device, dtype), cfg.eval_batch_size or 2 * cfg.batch_size)
+
+
+@contextmanager
+def progress_bar(console: Console | None, what: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A transient progress bar; yields `advance(n)`, to pass as an `on_batch` callback."""
     progress = Progress(TextColumn(f"[bold]{what}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                        console=console, transient=True)
+                        console=console or Console(), transient=True)
     with progress:
-        task = progress.add_task(what, total=len(split))
-        out = predict(classifier.model, split, cfg.eval_batch_size or 2 * cfg.batch_size,
-                      classifier.tokenizer.pad_token_id, device, autocast_for(device, dtype),
-                      on_batch=lambda n: progress.advance(task, n))
-    return out, "bf16" if dtype == torch.bfloat16 else "fp32"
+        bar = progress.add_task(what, total=total)
+        yield lambda n: progress.advance(bar, n)
 
 
 # ---------------------------------------------------------------- lorafit eval
@@ -198,12 +167,13 @@ def run_batches(classifier: Classifier, split: TokenizedSplit, console: Console,
 class EvalResult:
     report: dict
     report_path: Path
-    confusion_path: Path | None = None  # classifiers only
+    files: list[Path] = dataclasses.field(default_factory=list)
+    """Pictures written beside the report (a classifier's confusion matrix)."""
 
 
-def eval_data(trained: Classifier | CausalLM, split: str | None, data_files: str | None) -> tuple[DataConfig, str]:
+def eval_data(trained: TrainedModel, split: str | None, data_files: str | None) -> tuple[DataConfig, str]:
     """The data to score on: the recipe's test split, or `split`, or a file `data_files` read with
-    the recipe's columns (text and label; for causal LMs prompt, completion, messages, template)."""
+    the recipe's columns."""
     recipe = trained.recipe
     if data_files is not None:
         fmt = DATA_FORMATS.get(Path(data_files).suffix)
@@ -221,7 +191,7 @@ def eval_data(trained: Classifier | CausalLM, split: str | None, data_files: str
     return recipe.data, split
 
 
-def default_report_path(trained: Classifier | CausalLM, split: str) -> Path:
+def default_report_path(trained: TrainedModel, split: str) -> Path:
     """A run's report goes inside the run; others beside the model directory (never into it)."""
     if trained.kind == "run":
         return trained.path / f"eval-{split}.json"
@@ -232,47 +202,38 @@ def default_report_path(trained: Classifier | CausalLM, split: str) -> Path:
 def run_eval(path: Path, recipe_path: Path | None = None, split: str | None = None, data_files: str | None = None,
              max_samples: int | None = None, base: str | None = None, output: Path | None = None,
              console: Console | None = None) -> EvalResult:
-    """Score a run, adapter or merged model on a labelled split; write a JSON report and a confusion PNG.
+    """Score a run, adapter or merged model on a split; write a JSON report (and the task's pictures).
 
-    Causal LMs are scored by `lm_inference.run_lm_eval` (loss, perplexity, exact match; no PNG).
     Data defaults to the recipe's test split, first `data.max_eval_samples` examples (as training
-    scores it); `split`, `data_files` and `max_samples` override. The report holds loss, accuracy,
-    macro-F1, per-class precision/recall/F1/support and the confusion matrix (`classification_report`),
-    plus what was scored. `output` defaults to `default_report_path`; the PNG goes beside it.
+    scores it); `split`, `data_files` and `max_samples` override. The report holds what was scored
+    (model, kind, split, data, precision, max_length) and the task's `eval_report`. `output`
+    defaults to `default_report_path`; pictures go beside it.
     """
     console = console or Console()
     if max_samples is not None and max_samples < 1:
         raise LorafitError(f"--max-samples {max_samples}: use a positive number")
-    kind, directory = locate(path)
-    if model_task(kind, directory) == "causal-lm":
-        from lorafit.lm_inference import run_lm_eval  # it imports this module
-
-        return run_lm_eval(path, recipe_path, split, data_files, max_samples, base, output, console)
-    classifier = load_classifier(path, base, recipe_path)
-    data_cfg, split = eval_data(classifier, split, data_files)
-    if max_samples is None and data_files is None and classifier.recipe is not None:
-        max_samples = classifier.recipe.data.max_eval_samples
-    texts = load_labelled_split(data_cfg, split, classifier.labels, max_samples)
-    tokens = tokenize(texts, classifier.tokenizer, classifier.max_length)
-    out, precision = run_batches(classifier, tokens, console, f"eval {split}")
-    report = {
-        "model": str(path), "kind": classifier.kind, "split": split,
-        "data": data_cfg.data_files[split] if data_files else data_cfg.path,
-        "examples": len(tokens), "precision": precision, "max_length": classifier.max_length,
-        "labels": classifier.labels,
-        **classification_report(out.labels, out.predicted, out.loss, classifier.labels),
-    }
-    report_path = Path(output) if output else default_report_path(classifier, split)
+    trained = load_trained(path, base, recipe_path)
+    task = trained.task
+    data_cfg, split = eval_data(trained, split, data_files)
+    if max_samples is None and data_files is None and trained.recipe is not None:
+        max_samples = trained.recipe.data.max_eval_samples
+    examples = task.load_split(data_cfg, split, trained.labels, max_samples)
+    report_path = Path(output) if output else default_report_path(trained, split)
     if report_path.suffix != ".json":
         raise LorafitError(f"--output {report_path}: the report is JSON; name it *.json")
+    run = runtime(trained)
+    report = {
+        "model": str(path), "kind": trained.kind, "split": split,
+        "data": data_cfg.data_files[split] if data_files else data_cfg.path,
+        "precision": precision_name(run.dtype), "max_length": trained.max_length,
+        **task.eval_report(trained, examples, split, run.batch_size, run.device, run.autocast, console),
+    }
     report_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(report_path, report)
-    confusion_path = plot_confusion(report["confusion_matrix"], classifier.labels,
-                                    report_path.with_name(f"{report_path.stem}-confusion.png"),
-                                    title=f"{path} on {split}")
-    console.print(metrics_table(report))
-    console.print(f"report in {report_path}, confusion matrix in {confusion_path}")
-    return EvalResult(report, report_path, confusion_path)
+    files = task.write_report_files(report, report_path, title=f"{path} on {split}")
+    console.print(task.report_table(report))
+    console.print(f"report in {report_path}" + "".join(f", {file}" for file in files))
+    return EvalResult(report, report_path, files)
 
 
 # ---------------------------------------------------------------- lorafit predict
@@ -303,49 +264,36 @@ def read_texts(file: Path, text_column: str = "text") -> list[str]:
     return texts
 
 
-def predict_texts(classifier: Classifier, texts: list[str], console: Console | None = None) -> list[dict]:
-    """For each text, in order: {"text", "label" (the most probable), "score" (its probability),
-    "probs" ({label: probability} for every label)}."""
-    console = console or Console()
-    # Labels are unknown: predict's loss over these placeholder ids is meaningless and ignored.
-    tokens = tokenize(TextSplit(texts, [0] * len(texts)), classifier.tokenizer, classifier.max_length)
-    out, _ = run_batches(classifier, tokens, console, "predict")
-    rows = []
-    for text, probs in zip(texts, out.probs.tolist()):
-        top = max(range(len(probs)), key=probs.__getitem__)
-        rows.append({"text": text, "label": classifier.labels[top], "score": probs[top],
-                     "probs": dict(zip(classifier.labels, probs))})
-    return rows
-
-
-def predictions_table(rows: list[dict], top_k: int = 3) -> Table:
-    table = Table()
-    for column in ("#", "text", "label", "probability", f"top {top_k}"):
-        table.add_column(column, justify="right" if column in ("#", "probability") else "left",
-                         overflow="fold" if column == "text" else "ellipsis")
-    for i, row in enumerate(rows, start=1):
-        ranked = sorted(row["probs"].items(), key=lambda item: -item[1])[:top_k]
-        text = row["text"] if len(row["text"]) <= 80 else row["text"][:77] + "..."
-        table.add_row(str(i), text, row["label"], f"{row['score']:.4f}",
-                      ", ".join(f"{name} {p:.3f}" for name, p in ranked))
-    return table
-
-
 def run_predict(path: Path, texts: list[str], file: Path | None = None, output: Path | None = None,
                 base: str | None = None, console: Console | None = None) -> list[dict]:
-    """Label `texts` and the texts of `file`; print a table, and write JSON lines to `output` if given."""
+    """Label `texts` and the texts of `file` with a labelling task's model (the task's `predict`); print
+    a table, and write JSON lines to `output` if given."""
     console = console or Console()
-    classifier = load_classifier(path, base)
-    column = classifier.recipe.data.text_column if classifier.recipe else "text"
+    trained = load_trained(path, base)
+    column = trained.recipe.data.text_column if trained.recipe else "text"
     texts = list(texts) + (read_texts(file, column) if file is not None else [])
-    if not texts:
+    if not texts and trained.task.labels_text:
         raise LorafitError("nothing to predict: give texts as arguments or --file FILE")
-    rows = predict_texts(classifier, texts, console)
+    rows = trained.task.predict(trained, texts, console)
     if output is None:
-        console.print(predictions_table(rows))
+        console.print(trained.task.predictions_table(rows))
         return rows
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("".join(json.dumps(row) + "\n" for row in rows))
     console.print(f"{len(rows)} predictions in {output}")
     return rows
+
+
+# ---------------------------------------------------------------- lorafit generate
+
+
+def run_generate(path: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.9,
+                 base: str | None = None, on_text: Callable[[str], None] | None = None, **options) -> str:
+    """Load the model at `path` (run, adapter or merged model) and generate from `prompt` (the task's
+    `generate`; `options` are the task's, e.g. `use_chat_template` for causal LMs)."""
+    from lorafit.generate import check_sampling
+
+    check_sampling(max_new_tokens, temperature, top_p)  # before minutes of loading
+    trained = load_trained(path, base)
+    return trained.task.generate(trained, prompt, max_new_tokens, temperature, top_p, on_text=on_text, **options)

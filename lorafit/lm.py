@@ -284,7 +284,7 @@ def lm_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def tokenize_lm(examples: list[dict], tokenizer, max_length: int, fmt: str, use_chat_template: bool = True,
                 packing: bool = False, cache: bool = False) -> LMSplit:
-    """Token ids and loss labels for examples from `data.load_lm_data`; examples with nothing left to
+    """Token ids and loss labels for examples from `tasks.causal_lm.load_lm_data`; examples with nothing left to
     learn after truncation are dropped (and counted).
 
     With `cache`, the split (packed, if `packing`) is read from the tokenization cache
@@ -294,7 +294,7 @@ def tokenize_lm(examples: list[dict], tokenizer, max_length: int, fmt: str, use_
     chat = use_chat_template and has_chat_template(tokenizer)
     key = None
     if cache:
-        params = {"kind": "causal-lm", "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": max_length,
+        params = {"kind": "lm", "tokenizer": tokenizer_fingerprint(tokenizer), "max_length": max_length,
                   "format": fmt, "chat_template": chat, "packing": packing}
         key = cache_key(params, (json.dumps(example, sort_keys=True) for example in examples))
         names = ["input_ids", "labels", "segments"] if packing else ["input_ids", "labels"]

@@ -1,13 +1,13 @@
 """`lorafit merge`: fold an adapter into its base model's weights and save a plain Hugging Face model.
 
 The merged directory holds `model.safetensors`, `config.json` (with id2label/label2id for
-classifiers) and the tokenizer, so `AutoModelForSequenceClassification.from_pretrained` (or
-`AutoModelForCausalLM.from_pretrained` for causal-LM adapters) loads it without lorafit or PEFT.
+labelling tasks) and the tokenizer, so the task's `AutoModelFor...` class (`Task.auto_class`, e.g.
+`AutoModelForSequenceClassification`) loads it without lorafit or PEFT.
 A base model read from a GGUF file is saved the same way, as plain safetensors weights. The
 directory also holds `lorafit.json` (task, labels, max_length, the training recipe, where it came
 from), which transformers ignores and `lorafit eval`/`predict`/`generate` read.
 
-Merging verifies itself: a probe batch goes through the adapter model and through the merged
+Merging verifies itself: the task's probe batch (`Task.probe_batch`) goes through the adapter model and through the merged
 model as reloaded from the files just written, and the largest logit difference must be within
 the dtype's tolerance; the reloaded tokenizer must encode the probe texts (and render a chat) as
 the original does. Otherwise nothing is written.
@@ -26,7 +26,8 @@ from lorafit.adapter import load_adapter_model
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_directory, write_json
 from lorafit.lora import lora_layers, merge_lora
-from lorafit.models import TASK_CLASSES, model_max_length
+from lorafit.models import model_max_length
+from lorafit.tasks import get_task
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 META_FILE = "lorafit.json"
@@ -98,17 +99,10 @@ def check_output_dir(output: Path, adapter_dir: Path | None, overwrite: bool, ho
                                f"refusing to replace it, choose another directory")
 
 
-def probe_batch(tokenizer, max_length: int, texts: list[str] = PROBE_TEXTS) -> dict[str, torch.Tensor]:
+def text_probe_batch(tokenizer, max_length: int, texts: list[str] = PROBE_TEXTS) -> dict[str, torch.Tensor]:
+    """The probe texts, padded into one batch: the probe of tasks whose model reads a text (`Task.probe_batch`)."""
     encoded = tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
-
-
-@torch.inference_mode()
-def probe_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """fp32 logits of `model` on the probe batch: (texts, num_labels) for a classifier, and
-    (real tokens, vocabulary) for a causal LM, whose padded positions are left out."""
-    logits = model(**batch, use_cache=False).logits.float()  # no cache: some (RecurrentGemma, xLSTM) fail to build one
-    return logits[batch["attention_mask"].bool()] if logits.ndim == 3 else logits
 
 
 PROBE_CHAT = [{"role": "user", "content": PROBE_TEXTS[2]}]
@@ -155,14 +149,15 @@ def merge_adapter(adapter_dir: Path, output: Path, dtype: str = "float32", base:
     adapter_dir, output = Path(adapter_dir), Path(output)
     check_output_dir(output, adapter_dir, overwrite)
     model, tokenizer, spec = load_adapter_model(adapter_dir, base)
+    task = get_task(spec.task)
     max_length = min(spec.meta.get("max_length") or PROBE_MAX_LENGTH, model_max_length(model) or PROBE_MAX_LENGTH,
                      PROBE_MAX_LENGTH)
-    batch = probe_batch(tokenizer, max_length)
-    reference = probe_logits(model, batch)
+    batch = task.probe_batch(tokenizer, max_length)
+    reference = task.probe_logits(model, batch)
     merged_layers = len(lora_layers(model))
     # load_adapter_model already put the adapter's saved heads in place; merging folds the rest.
     merge_lora(model)
-    fp32_diff = (probe_logits(model, batch) - reference).abs().max().item()
+    fp32_diff = (task.probe_logits(model, batch) - reference).abs().max().item()
     if not fp32_diff <= FP32_TOLERANCE:
         raise LorafitError(f"merged model differs from the adapter in fp32: largest logit difference "
                            f"{fp32_diff:.3g} is above {FP32_TOLERANCE:g}; nothing written")
@@ -172,8 +167,7 @@ def merge_adapter(adapter_dir: Path, output: Path, dtype: str = "float32", base:
     with atomic_directory(output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        labels = ([model.config.id2label[i] for i in range(model.config.num_labels)]
-                  if spec.task == "sequence-classification" else None)
+        labels = [model.config.id2label[i] for i in range(model.config.num_labels)] if task.labels_text else None
         write_json(tmp / META_FILE, {
             "lorafit_version": __version__, "task": spec.task, "labels": labels,
             **{k: spec.meta[k] for k in ("max_length", "trust_remote_code", "recipe") if k in spec.meta},
@@ -181,8 +175,8 @@ def merge_adapter(adapter_dir: Path, output: Path, dtype: str = "float32", base:
         })
         # Check the files, not the object in memory: what a user will load is what we compare.
         check_saved_tokenizer(tmp, tokenizer, trust)
-        reloaded = TASK_CLASSES[spec.task].from_pretrained(tmp, dtype="auto", trust_remote_code=trust)
-        diff = (probe_logits(reloaded.eval(), batch) - reference).abs().max().item()
+        reloaded = task.model_class().from_pretrained(tmp, dtype="auto", trust_remote_code=trust)
+        diff = (task.probe_logits(reloaded.eval(), batch) - reference).abs().max().item()
         if not diff <= tolerance:  # `not <=` also catches NaN, e.g. from an fp16 overflow
             raise LorafitError(f"merged model saved in {dtype} differs from the adapter: largest logit difference "
                                f"{diff:.3g} is above the tolerance {tolerance:.3g}; nothing written")

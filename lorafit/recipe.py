@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 
 from lorafit.errors import LorafitError
+from lorafit.tasks import TASK_NAMES
 
 NEWSGROUPS_PARTS = ("headers", "footers", "quotes")
 
@@ -44,8 +45,10 @@ def _rule(check, fix: str) -> dict:
 class ModelConfig:
     name: str = ""
     """Hub id (e.g. sentence-transformers/all-MiniLM-L6-v2) or a local model directory."""
-    task: Literal["sequence-classification", "causal-lm"] = "sequence-classification"
-    """What the model is trained to do; picks the AutoModel class and the loss."""
+    task: str = field(default=TASK_NAMES[0],
+                      metadata=_rule(lambda v: v in TASK_NAMES, f"use one of {', '.join(TASK_NAMES)}"))
+    """What the model is trained to do (a task in `lorafit.tasks`); picks the AutoModel class, the data, the loss
+    and the metrics."""
     trust_remote_code: bool = False
     """Run model code shipped with a hub repository. Off unless you trust its author."""
     dropout: float | None = field(default=0.0, metadata=_rule(lambda v: 0 <= v < 1, "use a value in [0, 1), or null"))
@@ -334,15 +337,26 @@ def _cross_checks(recipe: Recipe) -> list[str]:
                             f"(the cut would truncate the principal part too); pick one")
         if recipe.train.max_steps is not None and steps[-1] > recipe.train.max_steps:
             problems.append(f"lora.rank_schedule: step {steps[-1]} is past train.max_steps ({recipe.train.max_steps})")
-    if recipe.model.task == "causal-lm" and recipe.train.label_smoothing:
-        problems.append("train.label_smoothing: only for model.task: sequence-classification")
-    if recipe.model.task == "sequence-classification":
-        for key in ("prompt_column", "completion_column", "messages_column", "prompt_template"):
-            if getattr(data, key) is not None:
-                problems.append(f"data.{key}: only for model.task: causal-lm")
-        if data.packing:
-            problems.append("data.packing: only for model.task: causal-lm")
-    return problems
+    return problems + _task_checks(recipe)
+
+
+def _task_checks(recipe: Recipe) -> list[str]:
+    """A key that only other tasks read (their `train_keys`, `data_keys`) set away from its default, and
+    the recipe's task's own `check_recipe`."""
+    from lorafit.tasks import all_tasks, get_task  # task modules import the rest of lorafit
+
+    task, problems = get_task(recipe.model.task), []
+    for section, keys_of in (("train", lambda t: t.train_keys), ("data", lambda t: t.data_keys)):
+        config = getattr(recipe, section)
+        defaults = type(config)()
+        owners: dict[str, list[str]] = {}
+        for other in all_tasks():
+            for key in keys_of(other):
+                owners.setdefault(key, []).append(other.name)
+        for key, names in owners.items():
+            if task.name not in names and getattr(config, key) != getattr(defaults, key):
+                problems.append(f"{section}.{key}: only for model.task: {' or '.join(names)}")
+    return problems + task.check_recipe(recipe)
 
 
 def recipe_from_dict(raw: Any, source: str = "recipe") -> Recipe:

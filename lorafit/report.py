@@ -16,7 +16,6 @@ from rich.table import Table
 from lorafit.errors import LorafitError
 
 PLOT_FILE = "plot.png"
-EVAL_METRICS = ("accuracy", "macro_f1", "perplexity")  # classification runs log the first two, causal LM the last
 
 
 # ---------------------------------------------------------------- training curves
@@ -35,7 +34,14 @@ class Curves:
     loss: Series
     lr: Series
     eval: dict[str, dict[str, Series]]
-    """{split: {"loss" | "accuracy" | "macro_f1" | "perplexity": Series}}"""
+    """{split: {"loss" or one of `eval_metrics()`: Series}}"""
+
+
+def eval_metrics() -> tuple[str, ...]:
+    """The evaluation metrics the plot draws besides loss: every task's `Task.eval_metrics`."""
+    from lorafit.tasks import all_tasks
+
+    return tuple(dict.fromkeys(metric for task in all_tasks() for metric in task.eval_metrics))
 
 
 def read_metrics_log(run_dir: Path) -> list[dict]:
@@ -69,7 +75,7 @@ def training_curves(records: list[dict]) -> Curves:
                     series.steps.append(step)
                     series.values.append(record[name])
             continue
-        for name in ("loss", *EVAL_METRICS):
+        for name in ("loss", *eval_metrics()):
             if name in record:
                 series = curves.eval.setdefault(split, {}).setdefault(name, Series())
                 series.steps.append(step)
@@ -98,7 +104,7 @@ def plot_training(run_dir: Path, output: Path | None = None) -> Path:
     ax_lr.set(title="learning rate", xlabel="step")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
     for split, series in curves.eval.items():
-        for name in EVAL_METRICS:
+        for name in eval_metrics():
             if name in series:
                 ax_eval.plot(series[name].steps, series[name].values, "o-", label=f"{split} {name}")
     if curves.eval:

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -31,14 +30,11 @@ from lorafit import cache
 from lorafit.adapter import AdapterSpec, load_checkpoint_adapter, peft_modules_to_save, save_adapter
 from lorafit.checkpoint import (check_resumable, find_checkpoint, load_training_state, prune_checkpoints,
                                 save_checkpoint, set_rng_state)
-from lorafit.data import (ClassificationData, LMData, TokenizedSplit, batch_order, collate, default_pad_multiple,
-                          load_classification_data, load_lm_data, split_source, steps_per_epoch, tokenize)
-from lorafit.device import autocast_for, pick_device, resolve_precision
+from lorafit.data import batch_order, default_pad_multiple, steps_per_epoch
+from lorafit.device import autocast_for, pick_device, precision_name, resolve_precision
 from lorafit.errors import LorafitError, TrainingInterrupted
-from lorafit.evaluate import evaluate, evaluate_lm
 from lorafit.fast import (SpeedUp, store_frozen_weights, use_fast_attention_dropout, use_fast_dropout,
                           use_fused_gated_mlp, use_fused_rms_norm)
-from lorafit.lm import LMSplit, collate_lm, count_targets, lm_loss, loss_path, tokenize_lm
 from lorafit.io import write_json
 from lorafit.lora import LoraPlan, add_lora, find_modules_to_save, init_lora, use_shared_autocast_copy
 from lorafit.lowrank import PRINCIPAL_INITS
@@ -47,6 +43,7 @@ from lorafit.onednn import bound_onednn_caches
 from lorafit.rank_schedule import apply_rank_schedule
 from lorafit.recipe import LoraConfig, Recipe, dump_recipe
 from lorafit.report import plot_training, with_tensorboard
+from lorafit.tasks import Split, TaskData, get_task
 from lorafit.unpad import use_unpadded_encoder
 
 
@@ -175,7 +172,7 @@ class Setup:
     tokenizer: object
     plan: LoraPlan
     spec: AdapterSpec
-    data: ClassificationData | LMData
+    data: TaskData
 
 
 def add_recipe_lora(model: torch.nn.Module, lora: LoraConfig, task: str, not_loaded: list[str]) -> LoraPlan:
@@ -200,9 +197,8 @@ def setup(recipe: Recipe, console: Console, checkpoint: Path | None = None) -> S
     seed_everything(recipe.seed)
     source = resolve_model(recipe.model.name, recipe.model.trust_remote_code)
     console.print(f"[bold]model[/] {recipe.model.name} from {source.note}")
-    classify = recipe.model.task == "sequence-classification"
-    data = load_classification_data(recipe.data, recipe.seed) if classify else load_lm_data(recipe.data, recipe.seed)
-    labels = data.labels if classify else None
+    data = get_task(recipe.model.task).load_data(recipe.data, recipe.seed)
+    labels = data.labels
     tokenizer = load_tokenizer(source, recipe.model.trust_remote_code)
     model, not_loaded = load_model(source, recipe.model.task, tokenizer, labels, recipe.model.trust_remote_code,
                                    dropout=recipe.model.dropout, attention_dropout=recipe.model.attention_dropout)
@@ -225,32 +221,19 @@ def setup(recipe: Recipe, console: Console, checkpoint: Path | None = None) -> S
     return Setup(model, tokenizer, plan, spec, data)
 
 
-def tokenize_splits(recipe: Recipe, s: Setup, console: Console) -> dict[str, TokenizedSplit | LMSplit]:
-    """Token ids for every split (from the tokenization cache when `data.cache` is on); causal-LM
-    training data is packed when the recipe asks."""
+def tokenize_splits(recipe: Recipe, s: Setup, console: Console) -> dict[str, Split]:
+    """Token ids for every split, as the task makes them (from the tokenization cache when
+    `data.cache` is on), checked by the task, whose notes go to the log."""
+    task = get_task(recipe.model.task)
     named = {"train": s.data.train, "eval": s.data.eval, "test": s.data.test}
     hits_before = cache.lookups["hit"]
-    if recipe.model.task == "sequence-classification":
-        splits = {name: tokenize(split, s.tokenizer, recipe.data.max_length, cache=recipe.data.cache)
-                  for name, split in named.items() if split}
-    else:
-        splits = {}
-        for name, examples in named.items():
-            if examples:
-                splits[name] = tokenize_lm(examples, s.tokenizer, recipe.data.max_length, s.data.format,
-                                           recipe.data.use_chat_template,
-                                           packing=recipe.data.packing and name == "train", cache=recipe.data.cache)
-                if not len(splits[name]):
-                    split = {"train": recipe.data.train_split, "eval": recipe.data.eval_split,
-                             "test": recipe.data.test_split}[name] or recipe.data.train_split  # eval held out of train
-                    raise LorafitError(f"data: split {split!r} has no example left: none of the "
-                                       f"{splits[name].dropped} in {split_source(recipe.data, split)} has a token to "
-                                       f"learn after truncation to {recipe.data.max_length} tokens (data.max_length)")
-                if splits[name].dropped:
-                    console.print(f"{name}: dropped {splits[name].dropped} examples with no tokens to learn after "
-                                  f"truncation to {recipe.data.max_length}")
-        if recipe.data.packing:
-            console.print(f"packed {len(s.data.train)} training examples into {len(splits['train'])} blocks")
+    splits = {}
+    for name, examples in named.items():
+        if examples is not None:
+            splits[name] = task.tokenize(examples, s.tokenizer, recipe.data, recipe.data.max_length,
+                                         train=name == "train")
+            for note in task.check_split(name, examples, splits[name], recipe.data):
+                console.print(note)
     if recipe.data.cache:
         hits = cache.lookups["hit"] - hits_before
         console.print(f"tokenized splits: {hits} of {len(splits)} from cache ({cache.tokens_dir()})")
@@ -265,7 +248,7 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, 
     RMSNorm (whose backward works at bf16 precision), and the recipe's optional gradient
     checkpointing and torch.compile. Each patch of the model's code switches on only where its
     probe agrees with the model's own (`fast.probe`); where one declines, the notes say where and why.
-    A causal LM's loss path (`lm.loss_path`) is chosen here too.
+    The task probes what its own fast paths need here too (`Task.prepare`: a causal LM's loss path).
     """
     notes = []
 
@@ -274,8 +257,7 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device, 
             notes.append(speed_up.note())
 
     model.to(device)
-    if recipe.model.task == "causal-lm":
-        notes.append(loss_path(model).note)  # probed here, in fp32, before frozen weights turn bf16 below
+    notes += get_task(recipe.model.task).prepare(model)  # in fp32, before frozen weights turn bf16 below
     if device.type == "cpu":
         note(use_fast_attention_dropout(model))
         if use_fast_dropout(model):
@@ -340,7 +322,7 @@ def train(recipe: Recipe, console: Console | None = None, overwrite: bool = Fals
     autocast = autocast_for(device, dtype)
     notes = prepare_model(s.model, recipe, device, dtype)
     release_free_memory()
-    console.print(f"[bold]device[/] {device.type}, precision {'bf16' if dtype == torch.bfloat16 else 'fp32'}"
+    console.print(f"[bold]device[/] {device.type}, precision {precision_name(dtype)}"
                   f"{'; ' + ', '.join(notes) if notes else ''}; "
                   f"{len(splits['train'])} train / {len(splits['eval'])} eval examples")
     (out / "recipe.yaml").write_text(dump_recipe(recipe))
@@ -380,7 +362,7 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
-def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: torch.device, autocast, out: Path,
+def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device, autocast, out: Path,
         metrics_log: MetricsLog, console: Console, state: dict | None = None, stop: dict | None = None,
         resume_command: str | None = None) -> dict:
     """The training loop. `state` (from a checkpoint) restores optimizer, scheduler, position and RNGs."""
@@ -401,20 +383,11 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
     max_norm = recipe.optim.max_grad_norm or float("inf")
     stop = stop if stop is not None else {"signal": None}
 
-    classify = recipe.model.task == "sequence-classification"
-    collate_batch = functools.partial(collate if classify else collate_lm, multiple=pad_multiple(cfg, device),
-                                      cap=recipe.data.max_length)
-
-    def batch_loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Summed loss of a batch: over examples (classification) or labelled tokens (causal LM)."""
-        if not classify:
-            return lm_loss(s.model, batch)
-        logits = s.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum", label_smoothing=cfg.label_smoothing)
+    task = get_task(recipe.model.task)
+    collate_batch = functools.partial(task.collate, multiple=pad_multiple(cfg, device), cap=recipe.data.max_length)
 
     def run_eval(split_name: str, step: int) -> dict:
-        score = evaluate if classify else evaluate_lm
-        metrics = score(s.model, splits[split_name], eval_batch_size, pad_id, device, autocast)
+        metrics = task.evaluate(s.model, splits[split_name], eval_batch_size, pad_id, device, autocast)
         metrics_log.write({"step": step, "split": split_name, **metrics})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
         console.print(f"step {step} [bold]{split_name}[/]: {shown}")
@@ -443,7 +416,7 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
         TextColumn("{task.fields[rate]} samples/s"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
         console=console, transient=False,
     )
-    task = progress_bar.add_task("train", total=total_steps, completed=progress["step"], loss="-", rate="-")
+    bar = progress_bar.add_task("train", total=total_steps, completed=progress["step"], loss="-", rate="-")
     s.model.train()
     if state is not None:
         set_rng_state(state["rng"])  # last, so nothing above consumes random numbers after it
@@ -465,14 +438,14 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
                 n_samples = sum(len(b) for b in micro)
                 host = [collate_batch(train_split, b, pad_id) for b in micro]
                 # Counted on the host, so that a GPU step waits on the device only once, below.
-                n_targets = sum(len(b["labels"]) if classify else count_targets(b) for b in host)
+                n_targets = sum(task.count_targets(b) for b in host)
                 n_tokens = sum(int(b.get("token_mask", b["attention_mask"]).sum()) for b in host)
                 loss_total = torch.zeros((), device=device)
                 for batch in host:
                     batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                     with autocast():
                         # Each micro-batch's summed loss over the targets of the whole step: the step's mean.
-                        loss = batch_loss(batch) / n_targets
+                        loss = task.loss(s.model, batch, cfg.label_smoothing) / n_targets
                     loss.backward()
                     loss_total += loss.detach().float()
                 grad_norm_t = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
@@ -495,7 +468,7 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
                 window["batches"] += 1
                 window["samples"] += n_samples
                 window["tokens"] += n_tokens
-                progress_bar.update(task, advance=1, loss=f"{loss_sum:.4f}")
+                progress_bar.update(bar, advance=1, loss=f"{loss_sum:.4f}")
                 apply_rank_schedule(s.model, recipe.lora.rank_schedule, step, total_steps, optimizer, trainable,
                                     console)
 
@@ -515,7 +488,7 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, TokenizedSplit], device: tor
                     if progress["skipped_nonfinite"]:
                         record["skipped_nonfinite"] = progress["skipped_nonfinite"]
                     metrics_log.write(record)
-                    progress_bar.update(task, rate=f"{record['samples_per_s']:.1f}")
+                    progress_bar.update(bar, rate=f"{record['samples_per_s']:.1f}")
                     window_start = now
                     window.update(loss=0.0, batches=0, samples=0, tokens=0)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:

@@ -135,7 +135,7 @@ def recipe_data(task: str, n: int):
 
 
 def classification_rows(task: str, tokenizer, n: int, max_length: int) -> tuple[list[dict], list[str]]:
-    from lorafit.data import load_classification_data
+    from lorafit.tasks.classification import load_classification_data
 
     data = load_classification_data(recipe_data(task, n), seed=42)
     ids = tokenizer(data.train.texts, truncation=True, max_length=max_length)["input_ids"]
@@ -143,7 +143,7 @@ def classification_rows(task: str, tokenizer, n: int, max_length: int) -> tuple[
 
 
 def causal_lm_rows(task: str, tokenizer, n: int, max_length: int) -> tuple[list[dict], None]:
-    from lorafit.data import load_lm_data
+    from lorafit.tasks.causal_lm import load_lm_data
 
     texts = [e["text"] for e in load_lm_data(recipe_data(task, n), seed=42).train]
     ids = [x + [tokenizer.eos_token_id] for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
@@ -441,11 +441,11 @@ def worker_tta_peft(eval_every: int, target: float, budget_s: float) -> dict:
     import torch.nn.functional as F
     from peft import LoraConfig, TaskType, get_peft_model
 
-    from lorafit.data import batch_order, collate, load_classification_data, steps_per_epoch, tokenize
-    from lorafit.evaluate import evaluate
+    from lorafit.data import batch_order, steps_per_epoch
     from lorafit.models import load_model, load_tokenizer, resolve_model
     from lorafit.recipe import load_recipe
     from lorafit.device import autocast_for
+    from lorafit.tasks.classification import SequenceClassification, collate, load_classification_data, tokenize
     from lorafit.train import lr_lambda
 
     recipe = load_recipe(ROOT / "configs/newsgroups.yaml")
@@ -481,7 +481,7 @@ def worker_tta_peft(eval_every: int, target: float, budget_s: float) -> dict:
             seconds += time.perf_counter() - start
             step += 1
             if step % eval_every == 0 or step == total or seconds >= budget_s:
-                accuracy = evaluate(model, test_split, 64, tokenizer.pad_token_id, "cpu", bf16)["accuracy"]
+                accuracy = SequenceClassification().evaluate(model, test_split, 64, tokenizer.pad_token_id, "cpu", bf16)["accuracy"]
                 curve.append((step, accuracy, seconds))
                 print(f"peft step {step}: test accuracy {accuracy:.4f} after {seconds / 60:.1f} min", file=sys.stderr,
                       flush=True)

@@ -25,13 +25,14 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from lorafit.data import batch_order, collate, load_classification_data, steps_per_epoch, tokenize
+from lorafit.data import batch_order, steps_per_epoch
 from lorafit.extract import extract_adapter
 from lorafit.inference import run_eval
 from lorafit.io import write_json
 from lorafit.lowrank import RankRule
 from lorafit.models import load_model, load_tokenizer, resolve_model
 from lorafit.recipe import Recipe, dump_recipe, load_recipe
+from lorafit.tasks.classification import collate, load_classification_data, tokenize
 from lorafit.device import autocast_for, pick_device, resolve_precision
 from lorafit.train import build_optimizer, lr_lambda, pad_multiple, prepare_model, seed_everything
 

@@ -13,7 +13,9 @@ from rich.console import Console
 from transformers import PreTrainedTokenizerFast
 
 from lorafit import cache
-from lorafit.data import ClassificationData, TextSplit, tokenize
+from lorafit.data import TextSplit
+from lorafit.tasks import TaskData
+from lorafit.tasks.classification import tokenize
 from lorafit.lm import tokenize_lm
 from lorafit.recipe import recipe_from_dict
 from lorafit.train import Setup, tokenize_splits
@@ -215,7 +217,7 @@ def test_tokenize_splits_reports_cache_hits(tmp_path, toy_data):
     recipe = recipe_from_dict(toy_recipe(tmp_path / "model", toy_data, tmp_path / "run"))
     rows = {name: toy_split(n, seed) for name, n, seed in (("train", 24, 1), ("eval", 6, 2), ("test", 6, 3))}
     setup = Setup(model=None, tokenizer=make_tokenizer(), plan=None, spec=None,
-                  data=ClassificationData(["space", "sports", "tech"], rows["train"], rows["eval"], rows["test"]))
+                  data=TaskData(rows["train"], rows["eval"], rows["test"], ["space", "sports", "tech"]))
 
     def run() -> tuple[dict, str]:
         console = Console(file=io.StringIO(), width=300)

@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lorafit.adapter import WEIGHTS_FILE, AdapterSpec, load_adapter_model, save_adapter
 from lorafit.errors import LorafitError
-from lorafit.generate import fit_context, generate_ids, generate_text, run_generate
-from lorafit.inference import load_causal_lm
+from lorafit.generate import fit_context, generate_ids, generate_text
+from lorafit.inference import load_trained as load_causal_lm
+from lorafit.inference import run_generate
 from lorafit.lora import add_lora, lora_layers
 from lorafit.models import load_model, load_tokenizer, resolve_model
 from lorafit.recipe import recipe_from_dict
@@ -414,13 +415,13 @@ def test_generate_from_a_plain_transformers_model_directory(lm_model_dirs, run_c
 def test_generate_and_predict_errors_are_one_line(memorized, tiny_models, tmp_path, run_cli):
     result = run_cli("predict", memorized, "the cat")
     assert result.exit_code == 2
-    assert error_line(result) == (f"error: {memorized} is a causal language model, not a classifier; "
-                                  f"generate text with: lorafit generate {memorized} --prompt TEXT")
+    assert error_line(result) == (f"error: {memorized} is a causal-lm model, which does not label texts; "
+                                  f"generate with: lorafit generate {memorized} --prompt TEXT")
 
     result = run_cli("generate", tiny_models["bert"], "--prompt", "hi")
     assert result.exit_code == 2
-    assert error_line(result) == (f"error: {tiny_models['bert']} is a sequence-classification model, not a causal "
-                                  f"language model; label texts with: lorafit predict {tiny_models['bert']} TEXT")
+    assert error_line(result) == (f"error: {tiny_models['bert']} is a sequence-classification model, which does "
+                                  f"not generate text; label texts with: lorafit predict {tiny_models['bert']} TEXT")
 
     for option, value, message in (
             ("--temperature", "-1", "--temperature -1: use 0 (greedy) or a positive number such as 0.7"),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import read_metrics
 
-from lorafit.data import load_classification_data
+from lorafit.tasks.classification import load_classification_data
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataConfig
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import lm_tokenizer, make_tokenizer, tiny_config, tiny_lm
 
-from lorafit.data import TextSplit, batch_order, collate, padded_width, tokenize
+from lorafit.data import TextSplit, batch_order, padded_width
+from lorafit.tasks.classification import collate, tokenize
 from lorafit.lm import collate_lm, count_targets, lm_loss, pack, tokenize_lm
 from lorafit.recipe import TrainConfig
 from lorafit.train import pad_multiple
@@ -66,7 +67,7 @@ def test_lm_loss_does_not_change_with_extra_padding(kind, packed):
 
 def test_evaluation_pads_to_the_device_default_and_scores_the_same(monkeypatch):
     """Evaluation rounds padding like training does (64 on GPUs); forced here on the CPU."""
-    import lorafit.evaluate as evaluate_module
+    import lorafit.tasks.classification as evaluate_module
     from transformers import AutoModelForSequenceClassification
 
     torch.manual_seed(0)

@@ -63,7 +63,8 @@ def test_eval_splits_give_a_test_curve(tiny_models, toy_data, tmp_path, run_cli)
 def test_label_smoothing_shapes_the_training_loss(tiny_models, toy_data, tmp_path, run_cli):
     # Full-batch steps without dropout: the loss logged at step 40 is that of checkpoint step-39's
     # predictions on the whole train split, with smoothing 0.3 (and not the plain cross-entropy).
-    from lorafit.inference import load_classifier, predict_texts
+    from lorafit.inference import load_trained as load_classifier
+    from lorafit.tasks.classification import predict_texts
 
     out, eps = tmp_path / "run", 0.3
     recipe = toy_recipe(tiny_models["bert"], toy_data, out, model={"dropout": 0.0}, optim={"lr": 3e-2},

@@ -13,6 +13,7 @@ from conftest import WORDS, lm_recipe, read_metrics, tiny_config, toy_recipe, wr
 from rich.console import Console
 from safetensors.torch import load_file
 
+import lorafit.tasks.causal_lm
 import lorafit.train
 from lorafit.lora import add_lora
 from lorafit.recipe import recipe_from_dict
@@ -94,7 +95,7 @@ def test_dying_between_micro_batches_then_resuming_gives_the_same_training(
     from its first micro-batch: not count that micro-batch twice, and not skip it."""
     out = tmp_path / "run"
     raw = accum_recipe(lm_model_dirs["llama"], accum_data, out, 8, 2)
-    real_loss, calls = lorafit.train.lm_loss, []
+    real_loss, calls = lorafit.tasks.causal_lm.lm_loss, []
 
     def dies_mid_step(model, batch):
         calls.append(1)
@@ -102,10 +103,10 @@ def test_dying_between_micro_batches_then_resuming_gives_the_same_training(
             raise Killed
         return real_loss(model, batch)
 
-    monkeypatch.setattr(lorafit.train, "lm_loss", dies_mid_step)
+    monkeypatch.setattr(lorafit.tasks.causal_lm, "lm_loss", dies_mid_step)
     with pytest.raises(Killed):
         train(recipe_from_dict(raw), console=Console(quiet=True))
-    monkeypatch.setattr(lorafit.train, "lm_loss", real_loss)
+    monkeypatch.setattr(lorafit.tasks.causal_lm, "lm_loss", real_loss)
     assert max(train_lines(out)) == resumes_from and not (out / "adapter").exists()
 
     train(recipe_from_dict(raw), console=Console(quiet=True), resume="latest")

@@ -64,6 +64,10 @@ class Task:
     """A generating task: supports `lorafit generate`."""
     data_keys: ClassVar[tuple[str, ...]] = ()
     """`data.*` keys that only this task reads (another task's recipe setting one is an error)."""
+    train_keys: ClassVar[tuple[str, ...]] = ()
+    """`train.*` keys that only this task reads, as `data_keys` (e.g. label_smoothing)."""
+    eval_metrics: ClassVar[tuple[str, ...]] = ()
+    """The metrics besides loss that `evaluate` returns and the training plot draws (e.g. accuracy)."""
 
     # ------------------------------------------------------------ model
 
@@ -99,6 +103,12 @@ class Task:
         """Token ids and targets for raw examples. `cfg` is the DataConfig (its cache, packing and
         column settings); `train` marks the training split (packing applies there only)."""
         raise NotImplementedError
+
+    def check_split(self, name: str, examples: Any, split: Split, cfg) -> list[str]:
+        """Check split `name` ("train", "eval" or "test") of the recipe (`cfg`, its DataConfig), tokenized
+        from `examples`; raise `LorafitError` for one training cannot use (e.g. nothing left after
+        truncation). Returns notes for the log (examples dropped, packing)."""
+        return []
 
     def collate(self, split: Split, indices: list[int], pad_id: int, multiple: int = 1,
                 cap: int | None = None) -> dict[str, torch.Tensor]:
