@@ -112,7 +112,7 @@ def open_hf(cfg: DataConfig):
             f"with data.data_files: {cfg.path}"
         )
     try:
-        return datasets.load_dataset(cfg.path, data_files=cfg.data_files)
+        return datasets.load_dataset(cfg.path, cfg.subset, data_files=cfg.data_files)
     except FileNotFoundError as err:
         raise LorafitError(f"data: could not find dataset {cfg.path!r}: {str(err).splitlines()[0]}") from None
     except (ValueError, OSError, datasets.exceptions.DatasetGenerationError) as err:

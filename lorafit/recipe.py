@@ -101,6 +101,8 @@ class DataConfig:
     """`20newsgroups` (scikit-learn's loader) or anything `datasets.load_dataset` takes (json, csv, parquet, text, a hub name)."""
     data_files: str | list[str] | dict[str, Any] | None = None
     """For json/csv/parquet/text: a path, a list of paths, or {train: ..., test: ...}."""
+    subset: str | None = None
+    """A hub dataset's configuration ("subset" on its page), e.g. de-en for wmt/wmt16: load_dataset's `name`."""
     remove: list[str] = field(
         default_factory=lambda: list(NEWSGROUPS_PARTS),
         metadata=_rule(lambda v: set(v) <= set(NEWSGROUPS_PARTS), f"use a subset of {list(NEWSGROUPS_PARTS)}"),
@@ -121,6 +123,20 @@ class DataConfig:
     """Causal LM prompt + completion: render them as a user turn and an assistant turn when the tokenizer has a chat template."""
     packing: bool = False
     """Causal LM: pack examples into max_length blocks (no padding); attention and loss never cross examples."""
+    source_column: str = "source"
+    """Seq2seq: the input text (what is translated or summarized)."""
+    target_column: str | None = None
+    """Seq2seq: the output text the model learns to produce; needed unless source_lang/target_lang pick the
+    languages of a hub `translation` column."""
+    source_lang: str | None = None
+    """Seq2seq on hub translation data (rows {"translation": {"en": ..., "de": ...}}): the source language, e.g. en."""
+    target_lang: str | None = None
+    """Seq2seq on hub translation data: the target language key, e.g. de."""
+    source_prefix: str = ""
+    """Seq2seq: text put before every source, in training and generation alike, e.g. "translate English to German: "."""
+    max_target_length: int | None = field(default=None, metadata=_rule(lambda v: v > 0,
+                                                                       "use a positive number of tokens or null"))
+    """Seq2seq: targets are truncated to this many tokens, and generation stops there; null: data.max_length."""
     train_split: str = "train"
     eval_split: str | None = None
     """None: hold out `eval_fraction` of the train split (stratified, seeded)."""
@@ -132,7 +148,8 @@ class DataConfig:
     max_train_samples: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
     """Use only the first N training examples (after the eval hold-out); handy for smoke runs."""
     max_eval_samples: int | None = field(default=None, metadata=_rule(lambda v: v > 0, "use a positive integer or null"))
-    """Use only the first N examples of the eval and test splits."""
+    """Use only the first N examples of the eval and test splits (seq2seq: also the ones translated for BLEU and chrF
+    at every evaluation, the slow part of it)."""
     cache: bool = True
     """Keep tokenized splits in a content-hashed cache ($LORAFIT_CACHE, else ~/.cache/lorafit) so later runs skip tokenizing."""
 

@@ -15,6 +15,7 @@ from lorafit.tasks.base import Split, Task, TaskData
 REGISTRY = {
     "sequence-classification": "lorafit.tasks.classification:SequenceClassification",
     "causal-lm": "lorafit.tasks.causal_lm:CausalLM",
+    "seq2seq": "lorafit.tasks.seq2seq:Seq2Seq",
 }
 TASK_NAMES = tuple(REGISTRY)
 

@@ -1,0 +1,61 @@
+"""Write an encoder-decoder model warm-started from MiniLM on both sides (a "BERT2BERT"), for the
+offline seq2seq recipe: the one pretrained model on this machine is an encoder, and LoRA needs a
+pretrained base.
+
+    python scripts/minilm_bert2bert.py models/minilm-bert2bert
+
+The encoder is MiniLM; the decoder is MiniLM too, run causally, with a cross-attention block in
+each layer and an LM head whose output layer is its (tied) word embeddings. The directory holds
+only the weights MiniLM has, under the encoder-decoder's names, as a pretrained checkpoint would:
+the cross-attention blocks and the LM head's transform are absent, so lorafit finds them "not in
+checkpoint", trains them in full and saves them with the adapter. The head's output bias is
+saved, as zeros.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from safetensors.torch import load_file
+from transformers import EncoderDecoderModel
+
+from lorafit.models import load_tokenizer, resolve_model
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out")
+    parser.add_argument("--model", default=MINILM, help="a BERT-style encoder (hub id, directory or bundled copy)")
+    args = parser.parse_args()
+    source = resolve_model(args.model)
+    tokenizer = load_tokenizer(source)
+    torch.manual_seed(0)
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(source.path, source.path)
+    config = model.config
+    config.decoder_start_token_id = tokenizer.cls_token_id
+    config.eos_token_id = tokenizer.sep_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.vocab_size = config.decoder.vocab_size
+    config.decoder.tie_word_embeddings = True
+    pretrained = load_file(f"{source.path}/model.safetensors")
+    names = {name.removeprefix("bert.") for name in pretrained}  # some BERT checkpoints prefix "bert."
+    kept = {name: tensor for name, tensor in model.state_dict().items()
+            if name.removeprefix("encoder.") in names or name.removeprefix("decoder.bert.") in names}
+    # The LM head's output bias, saved as zeros (no bias): the head module that holds it also holds
+    # the tied word embeddings, which would otherwise count as missing with it and train in full.
+    bias = model.decoder.cls.predictions.bias
+    torch.nn.init.zeros_(bias)
+    kept["decoder.cls.predictions.bias"] = bias.detach()
+    # Left out, by kind: "crossattention" for every layer's block, the LM head's parameters by name.
+    left_out = sorted({"crossattention" if ".crossattention." in n else n for n in model.state_dict() if n not in kept})
+    note = f"{args.out}: {len(kept)} tensors from {source.name}; not in the checkpoint: {', '.join(left_out)}"
+    model.save_pretrained(args.out, state_dict=kept)
+    tokenizer.save_pretrained(args.out)
+    print(note)
+
+
+if __name__ == "__main__":
+    main()
