@@ -98,7 +98,8 @@ class LoraConfig:
 @dataclass
 class DataConfig:
     path: str = "20newsgroups"
-    """`20newsgroups` (scikit-learn's loader) or anything `datasets.load_dataset` takes (json, csv, parquet, text, a hub name)."""
+    """`20newsgroups` (scikit-learn's loader), `conll` (token classification: CoNLL-style text files), or anything
+    `datasets.load_dataset` takes (json, csv, parquet, text, a hub name)."""
     data_files: str | list[str] | dict[str, Any] | None = None
     """For json/csv/parquet/text: a path, a list of paths, or {train: ..., test: ...}."""
     subset: str | None = None
@@ -121,6 +122,16 @@ class DataConfig:
     """Causal LM: a format string over the row's columns that builds the prompt, e.g. "Classify:\\n{text}"."""
     use_chat_template: bool = True
     """Causal LM prompt + completion: render them as a user turn and an assistant turn when the tokenizer has a chat template."""
+    tokens_column: str = "tokens"
+    """Token classification: the words of each example, a list of strings per row."""
+    tags_column: str = "ner_tags"
+    """Token classification: one tag per word, a list per row (strings, or integers named by the dataset's
+    ClassLabel feature when it has one)."""
+    tag_scheme: Literal["IOB1", "IOB2", "IOBES", "none"] = "IOB2"
+    """Token classification: how tags mark entities (B-PER, I-PER, O ...), for entity-level scores through
+    seqeval; none for tags that are not entities (part of speech): token accuracy only."""
+    label_all_subwords: bool = False
+    """Token classification: every sub-word of a word carries its tag in the loss; false: its first only."""
     packing: bool = False
     """Causal LM: pack examples into max_length blocks (no padding); attention and loss never cross examples."""
     source_column: str = "source"

@@ -16,6 +16,7 @@ REGISTRY = {
     "sequence-classification": "lorafit.tasks.classification:SequenceClassification",
     "causal-lm": "lorafit.tasks.causal_lm:CausalLM",
     "seq2seq": "lorafit.tasks.seq2seq:Seq2Seq",
+    "token-classification": "lorafit.tasks.token_classification:TokenClassification",
 }
 TASK_NAMES = tuple(REGISTRY)
 
