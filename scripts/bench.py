@@ -20,7 +20,7 @@ training posts (see `newsgroups_passages`):
   copy is offline, and MiniLM's WordPiece tokenizer stands in for Marian's sentencepiece), built
   once under the lorafit cache. Source: a passage; target: its words in reverse order, a stand-in
   translation of the same length (throughput depends on lengths, not on what the words mean).
-  Tokens counted: source plus target tokens.
+  Tokens counted, as lorafit's log counts them: source tokens (the decoder reads as many again).
 - token-classification: the bundled pretrained MiniLM-L6. Words: a passage's words and punctuation;
   tags: IOB2 from the surface form (see `surface_tags`).
 
@@ -52,6 +52,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # measure this checkout's lorafit, not whichever the venv has installed
 LORA_RANK, LORA_ALPHA = 8, 16  # the throughput jobs' LoRA, on both sides whatever the recipe says
 N_EVAL = 8  # eval rows written beside a job's training data (evaluation is off during the measurement)
 
@@ -216,8 +217,6 @@ class Job:
     """The first n raw rows of a job without a recipe, written as JSON lines for lorafit."""
     columns: dict | None = None
     """The written recipe's data.* column keys."""
-    target_tokens: bool = False
-    """Count the target tokens as well as the input tokens (seq2seq: the decoder reads them)."""
 
 
 JOBS = {
@@ -227,7 +226,7 @@ JOBS = {
                    causal_lm_rows, recipe="configs/smollm2-newsgroups-lm.yaml"),
     "seq2seq": Job("seq2seq", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM", ("q_proj", "v_proj"), 0.1, 16, 128,
                    seq2seq_rows, model="Helsinki-NLP/opus-mt-en-de", data=translation_pairs,
-                   columns={"source_column": "source", "target_column": "target"}, target_tokens=True),
+                   columns={"source_column": "source", "target_column": "target"}),
     "token-classification": Job("token-classification", "AutoModelForTokenClassification", "TOKEN_CLS",
                                 ("query", "value"), 0.1, 16, 128, token_classification_rows,
                                 model="sentence-transformers/all-MiniLM-L6-v2", data=tagged_words,
@@ -319,8 +318,7 @@ def worker_peft(task: str, steps: int, warmup: int, tuned: bool, model_name: str
     model = get_peft_model(load_base_model(job, source, labels), config).to(device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
-    lengths = [len(r["input_ids"]) + (len(r["labels"]) if job.target_tokens else 0) for r in rows]
-    order = batch_order(lengths, job.batch_size, 42, 0, group_by_length=tuned)
+    order = batch_order([len(r["input_ids"]) for r in rows], job.batch_size, 42, 0, group_by_length=tuned)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if tuned else torch.enable_grad
     tokens = samples = 0
     start = None
@@ -329,7 +327,7 @@ def worker_peft(task: str, steps: int, warmup: int, tuned: bool, model_name: str
             synchronize(device)
             start, tokens, samples = time.perf_counter(), 0, 0
         batch = pad_rows([rows[i] for i in batch_ids], tokenizer.pad_token_id)
-        tokens += int(batch["attention_mask"].sum()) + (int((batch["labels"] != -100).sum()) if job.target_tokens else 0)
+        tokens += int(batch["attention_mask"].sum())  # what lorafit's log counts: the inputs' real tokens
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
             loss = model(**batch).loss  # the model's own loss on its labels, as Trainer takes it
@@ -379,7 +377,7 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool, mode
         recipe_path = (ROOT / job.recipe if job.recipe
                        else written_recipe(task, Path(tmp), steps * batch_size, base_model_name(task, model_name)))
         recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir={tmp}/run"])
-        train(recipe, console=Console(file=log, width=200))
+        train(recipe, console=Console(file=log, width=1000))  # one line per message, for `picked`
         lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     steady = [m for m in lines if "split" not in m and m["step"] > warmup]
     # Each line covers one step (log_every=1): its time is samples / (samples/s).
