@@ -43,7 +43,7 @@ from lorafit.onednn import bound_onednn_caches
 from lorafit.rank_schedule import apply_rank_schedule
 from lorafit.recipe import LoraConfig, Recipe, dump_recipe
 from lorafit.report import plot_training, with_tensorboard
-from lorafit.tasks import Split, TaskData, get_task
+from lorafit.tasks import Split, Task, TaskData, get_task
 from lorafit.unpad import use_unpadded_encoder
 
 
@@ -362,19 +362,113 @@ def stop_on_signals():
             signal.signal(sig, old)
 
 
+# ---------------------------------------------------------------- the loop's parts
+
+
+def train_step(model: torch.nn.Module, task: Task, micro_batches: list[dict[str, torch.Tensor]],
+               optimizer: torch.optim.Optimizer, scheduler, trainable: list[torch.nn.Parameter], max_norm: float,
+               device: torch.device, autocast, label_smoothing: float = 0.0) -> tuple[float, float]:
+    """One optimizer step over `micro_batches` (collated on the host): forward and backward of each,
+    clip, step. Returns (the step's mean loss over its targets, the gradient norm before clipping).
+
+    Each micro-batch's summed loss is divided by the targets of the whole step, so the gradients
+    add up to those of the step's mean loss however it is cut. When the loss or the gradient norm
+    is not finite the gradients are dropped and neither optimizer nor scheduler steps.
+    """
+    # Counted on the host, so that a GPU step waits on the device only once, below.
+    n_targets = sum(task.count_targets(b) for b in micro_batches)
+    loss_total = torch.zeros((), device=device)
+    for batch in micro_batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast():
+            loss = task.loss(model, batch, label_smoothing) / n_targets
+        loss.backward()
+        loss_total += loss.detach().float()
+    grad_norm_t = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
+    loss_sum, grad_norm = torch.stack([loss_total, grad_norm_t.float()]).tolist()
+    if math.isfinite(loss_sum) and math.isfinite(grad_norm):
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_sum, grad_norm
+
+
+def new_progress() -> dict:
+    """The loop's position and its running log window: all a checkpoint needs besides optimizer and RNGs."""
+    return {"step": 0, "epoch": 0, "batch_index": 0, "elapsed_s": 0.0, "skipped_nonfinite": 0,
+            "window": {"loss": 0.0, "batches": 0, "samples": 0, "tokens": 0}}
+
+
+def add_to_window(window: dict, loss: float, micro_batches: list[dict[str, torch.Tensor]]) -> None:
+    """Count a step's loss, samples and real tokens (padding left out) into the log window."""
+    window["loss"] += loss
+    window["batches"] += 1
+    window["samples"] += sum(len(b["input_ids"]) for b in micro_batches)
+    window["tokens"] += sum(int(b.get("token_mask", b["attention_mask"]).sum()) for b in micro_batches)
+
+
+def log_window(metrics_log, progress: dict, epoch: float, lr: float, grad_norm: float, seconds: float,
+               elapsed: float) -> dict:
+    """Write the training record of the steps since the last one (`seconds` long) and empty the window.
+
+    The record: step, epoch (fractional), mean loss over the window's steps, learning rate, the
+    last step's gradient norm, samples/s and tokens/s over the window, seconds since training
+    started, and the skipped non-finite steps, if any.
+    """
+    window = progress["window"]
+    record = {
+        "step": progress["step"],
+        "epoch": round(epoch, 4),
+        "loss": window["loss"] / window["batches"],
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "samples_per_s": window["samples"] / seconds,
+        "tokens_per_s": window["tokens"] / seconds,
+        "elapsed_s": elapsed,
+    }
+    if progress["skipped_nonfinite"]:
+        record["skipped_nonfinite"] = progress["skipped_nonfinite"]
+    metrics_log.write(record)
+    window.update(loss=0.0, batches=0, samples=0, tokens=0)
+    return record
+
+
+def evaluate_split(task: Task, model: torch.nn.Module, split: Split, name: str, step: int, batch_size: int,
+                   pad_id: int, device: torch.device, autocast, metrics_log, console: Console) -> dict:
+    """The task's metrics on `split`, written to the log as {"step", "split": name, ...} and shown."""
+    metrics = task.evaluate(model, split, batch_size, pad_id, device, autocast)
+    metrics_log.write({"step": step, "split": name, **metrics})
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    console.print(f"step {step} [bold]{name}[/]: {shown}")
+    return metrics
+
+
+def write_checkpoint(out: Path, s: Setup, optimizer: torch.optim.Optimizer, scheduler, progress: dict,
+                     keep: int | None) -> Path:
+    """checkpoints/step-N for the current step; only the newest `keep` are kept (None: all)."""
+    path = save_checkpoint(out / "checkpoints" / f"step-{progress['step']}", s.model, s.plan, s.spec, optimizer,
+                           scheduler, progress)
+    if keep:
+        prune_checkpoints(out, keep)
+    return path
+
+
+def nonfinite_error(loss: float, step: int, last_checkpoint: Path | None) -> LorafitError:
+    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
+    return LorafitError(f"non-finite {'loss' if not math.isfinite(loss) else 'gradient'} at step {step}; stopping "
+                        f"({kept}). Lower optim.lr, or set train.skip_nonfinite: true to skip such batches")
+
+
 def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device, autocast, out: Path,
         metrics_log: MetricsLog, console: Console, state: dict | None = None, stop: dict | None = None,
         resume_command: str | None = None) -> dict:
     """The training loop. `state` (from a checkpoint) restores optimizer, scheduler, position and RNGs."""
-    cfg = recipe.train
+    cfg, task = recipe.train, get_task(recipe.model.task)
     train_split = splits["train"]
-    lengths = train_split.lengths
     pad_id = s.tokenizer.pad_token_id
     eval_batch_size = cfg.eval_batch_size or 2 * cfg.batch_size
-    per_epoch = steps_per_epoch(len(train_split), cfg.batch_size, cfg.grad_accum_steps)
-    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch(len(train_split), cfg.batch_size, cfg.grad_accum_steps)
     warmup_steps = round(recipe.optim.warmup_ratio * total_steps)
-
     optimizer = build_optimizer(s.model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, functools.partial(lr_lambda, warmup_steps=warmup_steps, total_steps=total_steps,
@@ -382,34 +476,21 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
     trainable = [p for p in s.model.parameters() if p.requires_grad]
     max_norm = recipe.optim.max_grad_norm or float("inf")
     stop = stop if stop is not None else {"signal": None}
-
-    task = get_task(recipe.model.task)
     collate_batch = functools.partial(task.collate, multiple=pad_multiple(cfg, device), cap=recipe.data.max_length)
-
-    def run_eval(split_name: str, step: int) -> dict:
-        metrics = task.evaluate(s.model, splits[split_name], eval_batch_size, pad_id, device, autocast)
-        metrics_log.write({"step": step, "split": split_name, **metrics})
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        console.print(f"step {step} [bold]{split_name}[/]: {shown}")
-        return metrics
-
-    # Loop position and the running log window: all a checkpoint needs besides optimizer and RNGs.
-    progress = {"step": 0, "epoch": 0, "batch_index": 0, "elapsed_s": 0.0, "skipped_nonfinite": 0,
-                "window": {"loss": 0.0, "batches": 0, "samples": 0, "tokens": 0}}
+    progress = new_progress()
     if state is not None:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         progress = state["progress"]
-    window = progress["window"]
     last_checkpoint: Path | None = None
 
-    def checkpoint(step: int) -> Path:
+    def run_eval(name: str, step: int) -> dict:
+        return evaluate_split(task, s.model, splits[name], name, step, eval_batch_size, pad_id, device, autocast,
+                              metrics_log, console)
+
+    def checkpoint() -> Path:
         progress["elapsed_s"] = time.perf_counter() - start
-        path = save_checkpoint(out / "checkpoints" / f"step-{step}", s.model, s.plan, s.spec, optimizer,
-                               scheduler, progress)
-        if cfg.keep_checkpoints:
-            prune_checkpoints(out, cfg.keep_checkpoints)
-        return path
+        return write_checkpoint(out, s, optimizer, scheduler, progress, cfg.keep_checkpoints)
 
     progress_bar = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
@@ -423,83 +504,48 @@ def fit(recipe: Recipe, s: Setup, splits: dict[str, Split], device: torch.device
     start = time.perf_counter() - progress["elapsed_s"]
     window_start = time.perf_counter()
     if cfg.eval_at_start and state is None:
-        for split_name in ("eval", "test"):
-            if split_name in splits:
-                run_eval(split_name, 0)
+        for name in ("eval", "test"):
+            if name in splits:
+                run_eval(name, 0)
         start = window_start = time.perf_counter()  # training time starts after the baseline
     with progress_bar:
         while progress["step"] < total_steps:
             epoch = progress["epoch"]
             steps_at_epoch_start, resumed_mid_epoch = progress["step"], progress["batch_index"] > 0
-            batches = batch_order(lengths, cfg.batch_size, recipe.seed, epoch, cfg.group_by_length)
+            batches = batch_order(train_split.lengths, cfg.batch_size, recipe.seed, epoch, cfg.group_by_length)
             for first in range(progress["batch_index"], len(batches), cfg.grad_accum_steps):
                 micro = batches[first:first + cfg.grad_accum_steps]
                 progress["batch_index"] = first + len(micro)
-                n_samples = sum(len(b) for b in micro)
                 host = [collate_batch(train_split, b, pad_id) for b in micro]
-                # Counted on the host, so that a GPU step waits on the device only once, below.
-                n_targets = sum(task.count_targets(b) for b in host)
-                n_tokens = sum(int(b.get("token_mask", b["attention_mask"]).sum()) for b in host)
-                loss_total = torch.zeros((), device=device)
-                for batch in host:
-                    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                    with autocast():
-                        # Each micro-batch's summed loss over the targets of the whole step: the step's mean.
-                        loss = task.loss(s.model, batch, cfg.label_smoothing) / n_targets
-                    loss.backward()
-                    loss_total += loss.detach().float()
-                grad_norm_t = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
-                loss_sum, grad_norm = torch.stack([loss_total, grad_norm_t.float()]).tolist()
-                if not (math.isfinite(loss_sum) and math.isfinite(grad_norm)):
-                    optimizer.zero_grad(set_to_none=True)
+                loss, grad_norm = train_step(s.model, task, host, optimizer, scheduler, trainable, max_norm, device,
+                                             autocast, cfg.label_smoothing)
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     if not cfg.skip_nonfinite:
-                        kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint yet"
-                        raise LorafitError(f"non-finite {'loss' if not math.isfinite(loss_sum) else 'gradient'} at "
-                                           f"step {progress['step'] + 1}; stopping ({kept}). Lower optim.lr, or set "
-                                           f"train.skip_nonfinite: true to skip such batches")
+                        raise nonfinite_error(loss, progress["step"] + 1, last_checkpoint)
                     progress["skipped_nonfinite"] += 1
                     continue
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
                 progress["step"] += 1
                 step = progress["step"]
-                window["loss"] += loss_sum
-                window["batches"] += 1
-                window["samples"] += n_samples
-                window["tokens"] += n_tokens
-                progress_bar.update(bar, advance=1, loss=f"{loss_sum:.4f}")
+                add_to_window(progress["window"], loss, host)
+                progress_bar.update(bar, advance=1, loss=f"{loss:.4f}")
                 apply_rank_schedule(s.model, recipe.lora.rank_schedule, step, total_steps, optimizer, trainable,
                                     console)
-
                 if step % cfg.log_every == 0 or step == total_steps:
                     now = time.perf_counter()
-                    seconds = max(now - window_start, 1e-9)
-                    record = {
-                        "step": step,
-                        "epoch": round(epoch + progress["batch_index"] / len(batches), 4),
-                        "loss": window["loss"] / window["batches"],
-                        "lr": scheduler.get_last_lr()[0],
-                        "grad_norm": grad_norm,
-                        "samples_per_s": window["samples"] / seconds,
-                        "tokens_per_s": window["tokens"] / seconds,
-                        "elapsed_s": now - start,
-                    }
-                    if progress["skipped_nonfinite"]:
-                        record["skipped_nonfinite"] = progress["skipped_nonfinite"]
-                    metrics_log.write(record)
+                    record = log_window(metrics_log, progress, epoch + progress["batch_index"] / len(batches),
+                                        scheduler.get_last_lr()[0], grad_norm, max(now - window_start, 1e-9),
+                                        now - start)
                     progress_bar.update(bar, rate=f"{record['samples_per_s']:.1f}")
                     window_start = now
-                    window.update(loss=0.0, batches=0, samples=0, tokens=0)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-                    for split_name in dict.fromkeys(cfg.eval_splits):
-                        if split_name in splits:
-                            run_eval(split_name, step)
+                    for name in dict.fromkeys(cfg.eval_splits):
+                        if name in splits:
+                            run_eval(name, step)
                     window_start = time.perf_counter()  # evaluation time is not training throughput
                 if cfg.save_every and step % cfg.save_every == 0:
-                    last_checkpoint = checkpoint(step)
+                    last_checkpoint = checkpoint()
                 if stop["signal"] is not None:
-                    path = checkpoint(step)
+                    path = checkpoint()
                     hint = resume_command or f"lorafit train <recipe> --resume {path}"
                     raise TrainingInterrupted(f"interrupted by signal {stop['signal']} after step {step}; "
                                               f"checkpoint saved to {path}; continue with: {hint}", stop["signal"])
