@@ -125,6 +125,9 @@ def merge(
     console.print(f"[bold green]done[/]: model in {result.output}")
 
 
+NumBeamsOpt = Annotated[int, typer.Option("--num-beams", help="Seq2seq: beam search with this many beams; 1 is greedy.")]
+
+
 @app.command("eval")
 @user_errors
 def eval_(
@@ -135,17 +138,19 @@ def eval_(
     max_samples: Annotated[int | None, typer.Option("--max-samples", help="Score only the first N examples.")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="JSON report path (the confusion PNG goes beside it).")] = None,
     base: BaseOpt = None,
+    num_beams: NumBeamsOpt = 1,
 ) -> None:
     """Score a run, an adapter or a merged model on a split.
 
     Classifiers: accuracy, F1, confusion matrix. Causal LMs: loss, perplexity and, for prompt +
-    completion data, exact match of greedy completions.
+    completion data, exact match of greedy completions. Seq2seq: loss, perplexity, BLEU and chrF
+    of its translations (greedy, or beam search with --num-beams), listed beside their references.
     """
     from lorafit.inference import run_eval
 
     _quiet_libraries()
     run_eval(path, recipe_path=recipe_path, split=split, data_files=data_files, max_samples=max_samples,
-             base=base, output=output, console=console)
+             base=base, output=output, console=console, num_beams=num_beams)
 
 
 @app.command("predict")
@@ -170,19 +175,25 @@ def generate(
     path: ModelArg,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt to continue.", show_default=False)],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Generate at most this many tokens.")] = 128,
-    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 means greedy.")] = 0.7,
+    temperature: Annotated[float | None, typer.Option(
+        "--temperature", help="Sampling temperature; 0 means greedy. Default: 0.7 for causal LMs, 0 for seq2seq.",
+        show_default=False)] = None,
     top_p: Annotated[float, typer.Option("--top-p", help="Sample from the top-p probability mass.")] = 0.9,
     chat_template: Annotated[bool | None, typer.Option(
         "--chat-template/--no-chat-template",
         help="Render the prompt as a chat turn (default: as in training, data.use_chat_template).")] = None,
     base: BaseOpt = None,
+    num_beams: NumBeamsOpt = 1,
 ) -> None:
-    """Generate text from a generating model (a run, an adapter or a merged model), streaming it as it comes."""
+    """Generate text from a generating model (a run, an adapter or a merged model), streaming it as it comes.
+
+    Causal LMs continue the prompt; seq2seq models translate it (the recipe's data.source_prefix first)."""
     from lorafit.inference import run_generate
 
     _quiet_libraries()
     run_generate(path, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, base=base,
-                 use_chat_template=chat_template, on_text=lambda text: typer.echo(text, nl=False))
+                 num_beams=num_beams, use_chat_template=chat_template,
+                 on_text=lambda text: typer.echo(text, nl=False))
     typer.echo()
 
 

@@ -201,19 +201,22 @@ def default_report_path(trained: TrainedModel, split: str) -> Path:
 
 def run_eval(path: Path, recipe_path: Path | None = None, split: str | None = None, data_files: str | None = None,
              max_samples: int | None = None, base: str | None = None, output: Path | None = None,
-             console: Console | None = None) -> EvalResult:
+             console: Console | None = None, num_beams: int = 1) -> EvalResult:
     """Score a run, adapter or merged model on a split; write a JSON report (and the task's pictures).
 
     Data defaults to the recipe's test split, first `data.max_eval_samples` examples (as training
     scores it); `split`, `data_files` and `max_samples` override. The report holds what was scored
     (model, kind, split, data, precision, max_length) and the task's `eval_report`. `output`
-    defaults to `default_report_path`; pictures go beside it.
+    defaults to `default_report_path`; pictures go beside it. `num_beams` > 1: beam search for
+    tasks that decode by it (`Task.beam_search`).
     """
     console = console or Console()
     if max_samples is not None and max_samples < 1:
         raise LorafitError(f"--max-samples {max_samples}: use a positive number")
     trained = load_trained(path, base, recipe_path)
     task = trained.task
+    check_num_beams(task, num_beams)
+    options = {"num_beams": num_beams} if task.beam_search else {}
     data_cfg, split = eval_data(trained, split, data_files)
     if max_samples is None and data_files is None and trained.recipe is not None:
         max_samples = trained.recipe.data.max_eval_samples
@@ -226,7 +229,7 @@ def run_eval(path: Path, recipe_path: Path | None = None, split: str | None = No
         "model": str(path), "kind": trained.kind, "split": split,
         "data": data_cfg.data_files[split] if data_files else data_cfg.path,
         "precision": precision_name(run.dtype), "max_length": trained.max_length,
-        **task.eval_report(trained, examples, split, run.batch_size, run.device, run.autocast, console),
+        **task.eval_report(trained, examples, split, run.batch_size, run.device, run.autocast, console, **options),
     }
     report_path.parent.mkdir(parents=True, exist_ok=True)
     write_json(report_path, report)
@@ -288,12 +291,28 @@ def run_predict(path: Path, texts: list[str], file: Path | None = None, output: 
 # ---------------------------------------------------------------- lorafit generate
 
 
-def run_generate(path: Path, prompt: str, max_new_tokens: int = 128, temperature: float = 0.7, top_p: float = 0.9,
-                 base: str | None = None, on_text: Callable[[str], None] | None = None, **options) -> str:
+def run_generate(path: Path, prompt: str, max_new_tokens: int = 128, temperature: float | None = None,
+                 top_p: float = 0.9, base: str | None = None, on_text: Callable[[str], None] | None = None,
+                 num_beams: int = 1, **options) -> str:
     """Load the model at `path` (run, adapter or merged model) and generate from `prompt` (the task's
-    `generate`; `options` are the task's, e.g. `use_chat_template` for causal LMs)."""
+    `generate`; `options` are the task's, e.g. `use_chat_template` for causal LMs). `temperature`
+    None is the task's `default_temperature`; `num_beams` > 1 is beam search (`Task.beam_search`)."""
     from lorafit.generate import check_sampling
 
-    check_sampling(max_new_tokens, temperature, top_p)  # before minutes of loading
+    check_sampling(max_new_tokens, 0.0 if temperature is None else temperature, top_p)  # before minutes of loading
     trained = load_trained(path, base)
-    return trained.task.generate(trained, prompt, max_new_tokens, temperature, top_p, on_text=on_text, **options)
+    check_num_beams(trained.task, num_beams)
+    if temperature is None:
+        temperature = trained.task.default_temperature
+    return trained.task.generate(trained, prompt, max_new_tokens, temperature, top_p, num_beams=num_beams,
+                                 on_text=on_text, **options)
+
+
+def check_num_beams(task: Task, num_beams: int) -> None:
+    """`--num-beams`: a positive number, and anything but 1 only for tasks that search beams."""
+    if num_beams < 1:
+        raise LorafitError(f"--num-beams {num_beams}: use 1 (greedy) or more (beam search), e.g. 4")
+    if num_beams != 1 and not task.beam_search:
+        names = ", ".join(t.name for t in all_tasks() if t.beam_search)
+        raise LorafitError(f"--num-beams {num_beams}: {task.name} models do not decode by beam search (only "
+                           f"{names}); leave out --num-beams")

@@ -37,9 +37,11 @@ def tiny_config(kind: str):
 
     ids = {"vocab_size": len(VOCAB), "pad_token_id": PAD, "eos_token_id": EOS, "bos_token_id": BOS,
            "decoder_start_token_id": BOS}
+    # init_std 0.3: weights large enough for a tiny model's output to depend on its source (at BART's
+    # 0.02 it says the same whatever it reads, and tests of translations could not fail)
     bart_like = {"d_model": 16, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 2,
                  "decoder_attention_heads": 2, "encoder_ffn_dim": 32, "decoder_ffn_dim": 32,
-                 "max_position_embeddings": 64, **ids}
+                 "max_position_embeddings": 64, "init_std": 0.3, **ids}
     t5_like = {"d_model": 16, "d_kv": 8, "d_ff": 32, "num_layers": 1, "num_heads": 2, **ids}
     configs = {
         "t5": lambda: T.T5Config(**t5_like),  # tied embeddings: the decoder output is scaled by d_model^-0.5
@@ -64,7 +66,7 @@ def tiny_model(kind: str):
     torch.manual_seed(0)
     model = AutoModelForSeq2SeqLM.from_config(tiny_config(kind))
     if hasattr(model, "final_logits_bias"):
-        model.final_logits_bias.normal_()
+        model.final_logits_bias.normal_(0, 0.1)
     return model.eval()
 
 
@@ -404,15 +406,19 @@ def test_we_load_a_peft_adapter_with_same_logits(kind, s2s_models, tmp_path):
     assert (expected - teacher_forced_logits(AutoModelForSeq2SeqLM.from_pretrained(s2s_models[kind]))).abs().max() > 1e-3
 
 
-def adapter_translation(run_dir: Path, source: str, num_beams: int = 1) -> str:
-    """What HF generate makes of `source` on the run's adapter model (built by lorafit, run by transformers)."""
+def adapter_translations(run_dir: Path, sources: list[str], num_beams: int = 1) -> list[str]:
+    """What HF generate makes of each source, one at a time, on the run's adapter model (built by
+    lorafit, run by transformers)."""
     from lorafit.adapter import load_adapter_model
 
     model, tokenizer, _ = load_adapter_model(run_dir / "adapter")
-    inputs = tokenizer(source, return_tensors="pt")
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=8, do_sample=False, num_beams=num_beams)
-    return tokenizer.decode(out[0], skip_special_tokens=True).strip()
+    translations = []
+    for source in sources:
+        with torch.no_grad():
+            out = model.generate(**tokenizer(source, return_tensors="pt"), max_new_tokens=8, do_sample=False,
+                                 num_beams=num_beams)
+        translations.append(tokenizer.decode(out[0], skip_special_tokens=True).strip())
+    return translations
 
 
 def test_cli_train_eval_generate_merge(s2s_models, number_data, tmp_path, run_cli):
@@ -441,14 +447,17 @@ def test_cli_train_eval_generate_merge(s2s_models, number_data, tmp_path, run_cl
         assert [s["source"] for s in samples] == [r["en"] for r in pairs(8, 3)]
         assert [s["reference"] for s in samples] == [r["de"] for r in pairs(8, 3)]
         hypotheses, references = [s["translation"] for s in samples], [[s["reference"] for s in samples]]
+        assert len(set(hypotheses)) > 1  # the model's output depends on its source
         assert report["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hypotheses, references).score)
         assert report["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hypotheses, references).score)
-        first = samples[0]["source"]
-        assert samples[0]["translation"] == adapter_translation(run, "translate : " + first, beams)
+        assert hypotheses == adapter_translations(run, ["translate : " + s["source"] for s in samples], beams)
+    # beam search changes some translations, so passing --num-beams on shows
+    assert [s["translation"] for s in reports[1]["samples"]] != [s["translation"] for s in reports[2]["samples"]]
 
     result = run_cli("generate", run, "--prompt", "one two three", "--temperature", 0, "--max-new-tokens", 8)
     assert result.exit_code == 0, result.output
-    translation = adapter_translation(run, "translate : one two three")
+    translation, unprefixed = adapter_translations(run, ["translate : one two three", "one two three"])
+    assert translation != unprefixed  # so leaving out the prefix shows
     assert translation and result.stdout.strip().endswith(translation)
 
     merged = tmp_path / "merged"
@@ -460,3 +469,34 @@ def test_cli_train_eval_generate_merge(s2s_models, number_data, tmp_path, run_cl
     assert run_cli("eval", merged, "--recipe", recipe, "--output", out).exit_code == 0
     assert [s["translation"] for s in json.loads(out.read_text())["samples"]] == \
         [s["translation"] for s in reports[1]["samples"]]
+
+
+def test_merge_probe_runs_the_decoder_on_targets(s2s_runs, tmp_path, monkeypatch):
+    """The merge's probe batch holds targets (labels, -100 where padded) that the model turns into
+    decoder inputs, and its logits are the model's at the target positions; so a merge that gets
+    only the decoder's cross-attention wrong is caught and nothing is written."""
+    import lorafit.merge
+    from lorafit.adapter import load_adapter_model
+    from lorafit.lora import lora_layers, merge_lora
+    from lorafit.tasks.seq2seq import Seq2Seq
+
+    task = Seq2Seq()
+    model, tokenizer, _ = load_adapter_model(s2s_runs["bart"] / "adapter")
+    batch = task.probe_batch(tokenizer, 16)
+    lengths = (batch["labels"] != -100).sum(1)
+    assert len(set(lengths.tolist())) > 1 and (batch["labels"][batch["labels"] != -100] >= 0).all()
+    with torch.no_grad():
+        expected = model(**batch).logits[batch["labels"] != -100]
+    torch.testing.assert_close(task.probe_logits(model, batch), expected)
+
+    def merge_but_cross_attention(model):
+        with torch.no_grad():
+            for name, layer in lora_layers(model).items():
+                if ".encoder_attn." in name:
+                    layer.lora_B.weight.zero_()
+        return merge_lora(model)
+
+    monkeypatch.setattr(lorafit.merge, "merge_lora", merge_but_cross_attention)
+    with pytest.raises(LorafitError, match="merged model differs from the adapter in fp32"):
+        lorafit.merge.merge_adapter(s2s_runs["bart"] / "adapter", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

@@ -62,6 +62,11 @@ class Task:
     """A labelling task: has label names (id2label) and supports `lorafit predict`."""
     generates: ClassVar[bool] = False
     """A generating task: supports `lorafit generate`."""
+    beam_search: ClassVar[bool] = False
+    """A generating task that decodes by beam search too: `lorafit eval` and `lorafit generate` take
+    `--num-beams`, which reaches `eval_report` and `generate` as `num_beams`."""
+    default_temperature: ClassVar[float] = 0.7
+    """`lorafit generate`'s sampling temperature when the command line gives none (0: greedy)."""
     data_keys: ClassVar[tuple[str, ...]] = ()
     """`data.*` keys that only this task reads (another task's recipe setting one is an error)."""
     train_keys: ClassVar[tuple[str, ...]] = ()
@@ -154,7 +159,8 @@ class Task:
     def eval_report(self, trained, examples: Any, split: str, batch_size: int, device: torch.device,
                     autocast: Callable, console) -> dict:
         """`lorafit eval`: the full report on raw `examples` of `split` for a loaded `inference.TrainedModel`
-        (metrics, per-class or per-entity tables, samples), JSON-ready."""
+        (metrics, per-class or per-entity tables, samples), JSON-ready. A `beam_search` task also takes
+        `num_beams` (1: greedy)."""
         raise NotImplementedError
 
     def write_report_files(self, report: dict, report_path, title: str) -> list:

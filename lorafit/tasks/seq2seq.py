@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
-from lorafit.data import _get_split, _open_hf, eval_order, padded_width, split_source
+from lorafit.data import eval_order, get_split, open_hf, padded_width, split_source
 from lorafit.errors import LorafitError
 from lorafit.fast import LogitTransform, head_cross_entropy, probe_failed
 from lorafit.fast import probe_batch as random_source_batch
@@ -74,10 +74,10 @@ def pairs_from_rows(rows: list[dict], cfg, split: str) -> list[dict]:
 
 def read_pairs(cfg, splits: list[str]) -> dict[str, list[dict]]:
     """The named splits of the dataset `cfg` names, as source/target pairs."""
-    dataset = _open_hf(cfg)
+    dataset = open_hf(cfg)
     columns = ({"source_lang": TRANSLATION_COLUMN} if cfg.source_lang
                else {"source_column": cfg.source_column, "target_column": cfg.target_column})
-    return {split: pairs_from_rows(_get_split(dataset, split, columns).to_list(), cfg, split)
+    return {split: pairs_from_rows(get_split(dataset, split, columns).to_list(), cfg, split)
             for split in dict.fromkeys(splits)}
 
 
@@ -396,8 +396,11 @@ class Seq2Seq(Task):
     peft_task_type = "SEQ_2_SEQ_LM"
     auto_class = "AutoModelForSeq2SeqLM"
     generates = True
+    beam_search = True
+    default_temperature = 0.0  # translations are decoded greedily unless asked otherwise
     data_keys = ("source_column", "target_column", "source_lang", "target_lang", "source_prefix",
                  "max_target_length")
+    eval_metrics = ("bleu", "chrf")
 
     def claims(self, config: dict) -> bool:
         """An encoder-decoder whose architecture generates (not T5's or BART's classifier heads)."""
@@ -416,8 +419,6 @@ class Seq2Seq(Task):
         elif data.source_lang is None and data.target_column is None:
             problems.append("data.target_column: missing: a seq2seq recipe needs the column of target texts "
                             "(or data.source_lang and data.target_lang for a translation column)")
-        if recipe.train.label_smoothing:
-            problems.append("train.label_smoothing: only for model.task: sequence-classification")
         return problems
 
     def load_data(self, cfg, seed: int) -> TaskData:
@@ -493,18 +494,13 @@ class Seq2Seq(Task):
         """Loss, perplexity, BLEU and chrF on `examples`, tokenized as training did (the recipe's
         source prefix and target length), translated greedily or by beam search (`num_beams`); and
         every translation beside its source and reference ("samples")."""
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from lorafit.inference import progress_bar
 
-        check_beams(num_beams)
         cfg = data_settings(trained)
         tokens = tokenize_pairs(examples, trained.tokenizer, cfg, trained.max_length)
-        trained.model.to(device)
-        progress = Progress(TextColumn(f"[bold]eval {split}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=console, transient=True)
-        with progress:
-            bar = progress.add_task(split, total=len(tokens))
+        with progress_bar(console, f"eval {split}", len(tokens)) as advance:
             metrics, translations = score_split(trained.model, tokens, batch_size, trained.tokenizer.pad_token_id,
-                                                device, autocast, num_beams, lambda n: progress.advance(bar, n))
+                                                device, autocast, num_beams, advance)
         samples = [{"source": e["source"], "reference": e["target"], "translation": t}
                    for e, t in zip(examples, translations)]
         return {"examples": len(examples), "source_prefix": cfg.source_prefix,
@@ -533,7 +529,9 @@ class Seq2Seq(Task):
         from lorafit.generate import CallbackStreamer, check_sampling, sampling_options
 
         check_sampling(max_new_tokens, temperature, top_p)
-        check_beams(num_beams)
+        if options.get("use_chat_template") is not None:
+            raise LorafitError("--chat-template: seq2seq models read the source text as it is (with "
+                               "data.source_prefix); leave out --chat-template")
         cfg, tokenizer = data_settings(trained), trained.tokenizer
         ids = tokenizer(cfg.source_prefix + prompt, truncation=True, max_length=trained.max_length)["input_ids"]
         device = pick_device()
@@ -547,11 +545,6 @@ class Seq2Seq(Task):
         if on_text is not None and not stream:
             on_text(text)
         return text
-
-
-def check_beams(num_beams: int) -> None:
-    if num_beams < 1:
-        raise LorafitError(f"--num-beams {num_beams}: use 1 (greedy) or more (beam search), e.g. 4")
 
 
 def data_settings(trained):
