@@ -120,12 +120,12 @@ def _read_dataset_splits(cfg, splits: list[str]) -> dict[str, RawSplit]:
     """Splits of a `datasets` dataset, every row checked: a list of words and a list of as many tags."""
     import datasets
 
-    from lorafit.data import _get_split, _open_hf, split_source
+    from lorafit.data import get_split, open_hf, split_source
 
-    dataset = _open_hf(cfg)
+    dataset = open_hf(cfg)
     found = {}
     for split in splits:
-        part = _get_split(dataset, split, {"tokens_column": cfg.tokens_column, "tags_column": cfg.tags_column})
+        part = get_split(dataset, split, {"tokens_column": cfg.tokens_column, "tags_column": cfg.tags_column})
         inner = getattr(part.features[cfg.tags_column], "feature", None)  # Sequence / List of ClassLabel
         names = list(inner.names) if isinstance(inner, datasets.ClassLabel) else None
         words, tags = part[cfg.tokens_column], part[cfg.tags_column]
@@ -426,10 +426,6 @@ def _data_config(trained):
     return trained.recipe.data if trained.recipe else DataConfig()
 
 
-def _label_names(model) -> list[str]:
-    return [model.config.id2label[i] for i in range(model.config.num_labels)]
-
-
 def _scheme_for(names: list[str], scheme: str) -> str:
     """`scheme`, or "none" when the tag names do not follow it (a PEFT adapter's LABEL_0, LABEL_1 ...)."""
     try:
@@ -449,6 +445,8 @@ class TokenClassification(Task):
     peft_head_modules = ("classifier", "score")
     labels_text = True
     data_keys = ("tokens_column", "tags_column", "tag_scheme", "label_all_subwords")
+    train_keys = ("label_smoothing",)
+    eval_metrics = ("f1", "token_accuracy")
 
     def model_kwargs(self, labels: list[str] | None) -> dict:
         if not labels:
@@ -528,9 +526,9 @@ class TokenClassification(Task):
     # ------------------------------------------------------------ merge
 
     def probe_batch(self, tokenizer, max_length: int) -> dict[str, torch.Tensor]:
-        from lorafit.merge import probe_batch
+        from lorafit.merge import text_probe_batch
 
-        return probe_batch(tokenizer, max_length)
+        return text_probe_batch(tokenizer, max_length)
 
     # ------------------------------------------------------------ inference
 
@@ -538,11 +536,14 @@ class TokenClassification(Task):
                     autocast: Callable, console) -> dict:
         """Loss, entity-level precision/recall/F1 and token accuracy, a per-entity-type table, the words
         cut off by max_length, and the first sentences with their gold and predicted entities."""
+        from lorafit.inference import progress_bar
+
         cfg = _data_config(trained)
         tokens = tokenize_sentences(examples, trained.tokenizer, trained.max_length, cfg.label_all_subwords,
                                     cfg.tag_scheme)
-        trained.model.to(device)
-        out = predict_tags(trained.model, tokens, batch_size, trained.tokenizer.pad_token_id, device, autocast)
+        with progress_bar(console, f"eval {split}", len(tokens)) as advance:
+            out = predict_tags(trained.model, tokens, batch_size, trained.tokenizer.pad_token_id, device, autocast,
+                               on_batch=advance)
         scheme = tokens.scheme
         report = {"examples": len(tokens), "tag_scheme": scheme, "max_length": trained.max_length,
                   "labels": examples.names, **split_metrics(tokens, out)}
@@ -578,20 +579,18 @@ class TokenClassification(Task):
         character offsets into the text. Words are the text's whitespace-separated pieces (so
         punctuation stays on its word, as it was in the training data or not); an entity runs from
         its first word's first character to its last word's last."""
-        from lorafit.device import autocast_for, pick_device, resolve_precision
+        from lorafit.inference import progress_bar, runtime
 
-        names = _label_names(trained.model)
+        names = trained.labels
         found = [list(WORD.finditer(text)) for text in texts]
         sentences = TaggedSentences([[m.group() for m in words] for words in found],
                                     [[0] * len(words) for words in found], names)
         tokens = tokenize_sentences(sentences, trained.tokenizer, trained.max_length,
                                     scheme=_data_config(trained).tag_scheme)
-        device = pick_device()
-        dtype = resolve_precision(trained.train_config.precision, device)
-        trained.model.to(device)
-        cfg = trained.train_config
-        out = predict_tags(trained.model, tokens, cfg.eval_batch_size or 2 * cfg.batch_size,
-                           trained.tokenizer.pad_token_id, device, autocast_for(device, dtype))
+        run = runtime(trained)
+        with progress_bar(console, "predict", len(tokens)) as advance:
+            out = predict_tags(trained.model, tokens, run.batch_size, trained.tokenizer.pad_token_id, run.device,
+                               run.autocast, on_batch=advance)
         rows = []
         for text, words, tags in zip(texts, found, out.tags):
             entities = [{"text": text[words[s].start():words[e - 1].end()], "type": kind,
