@@ -18,17 +18,18 @@ recipes in configs/. seq2seq and token-classification have no recipe here; the s
 training posts (see `newsgroups_passages`):
 - seq2seq: Marian en-de's shapes with random weights (scripts/random_model.py; no pretrained
   copy is offline, and MiniLM's WordPiece tokenizer stands in for Marian's sentencepiece), built
-  once under the lorafit cache. Source: a passage; target: its words in reverse order, a stand-in
-  translation of the same length (throughput depends on lengths, not on what the words mean).
-  Tokens counted, as lorafit's log counts them: source tokens (the decoder reads as many again).
-- token-classification: the bundled pretrained MiniLM-L6. Words: a passage's words and punctuation;
-  tags: IOB2 from the surface form (see `surface_tags`).
+  once under the lorafit cache; LoRA on q_proj/v_proj (self- and cross-attention), batch 16, 128
+  tokens. Source: a passage; target: its words in reverse order, a stand-in translation of the
+  same length (throughput depends on lengths, not on what the words mean). Tokens counted, as
+  lorafit's log counts them: source tokens (the decoder reads as many again).
+- token-classification: the bundled pretrained MiniLM-L6, LoRA on query/value, batch 16, 128 tokens.
+  Words: a passage's words and punctuation; tags: IOB2 from the surface form (see `surface_tags`).
 
     python scripts/bench.py --task newsgroups --steps 40 --rounds 3
     python scripts/bench.py --task newsgroups --steps 40 --rounds 3 --same-settings
     python scripts/bench.py --task smollm2 --steps 12 --rounds 2
     python scripts/bench.py --task seq2seq --steps 30 --warmup 5 --rounds 2
-    python scripts/bench.py --task token-classification --steps 30 --warmup 5 --rounds 2
+    python scripts/bench.py --task token-classification --steps 60 --warmup 10 --rounds 3
     python scripts/bench.py --time-to-accuracy            # newsgroups recipe, test accuracy >= 0.70
 """
 
