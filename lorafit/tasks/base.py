@@ -68,7 +68,8 @@ class Task:
     default_temperature: ClassVar[float] = 0.7
     """`lorafit generate`'s sampling temperature when the command line gives none (0: greedy)."""
     data_keys: ClassVar[tuple[str, ...]] = ()
-    """`data.*` keys that only this task reads (another task's recipe setting one is an error)."""
+    """`data.*` keys that only this task reads: another task's recipe setting one away from its default is an
+    error naming the tasks that list it (several tasks may list the same key)."""
     train_keys: ClassVar[tuple[str, ...]] = ()
     """`train.*` keys that only this task reads, as `data_keys` (e.g. label_smoothing)."""
     eval_metrics: ClassVar[tuple[str, ...]] = ()
