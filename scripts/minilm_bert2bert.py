@@ -4,8 +4,9 @@ pretrained base.
 
     python scripts/minilm_bert2bert.py models/minilm-bert2bert
 
-The encoder is MiniLM; the decoder is MiniLM too, run causally, with a cross-attention block in
-each layer and an LM head whose output layer is its (tied) word embeddings. The directory holds
+The encoder is MiniLM; the decoder is MiniLM's first `--decoder-layers` layers (2 by default),
+run causally, with a cross-attention block in each layer and an LM head whose output layer is its
+(tied) word embeddings. The directory holds
 only the weights MiniLM has, under the encoder-decoder's names, as a pretrained checkpoint would:
 the cross-attention blocks and the LM head's transform are absent, so lorafit finds them "not in
 checkpoint", trains them in full and saves them with the adapter. The head's output bias is
@@ -18,7 +19,7 @@ import argparse
 
 import torch
 from safetensors.torch import load_file
-from transformers import EncoderDecoderModel
+from transformers import EncoderDecoderModel, GenerationConfig
 
 from lorafit.models import load_tokenizer, resolve_model
 
@@ -29,17 +30,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out")
     parser.add_argument("--model", default=MINILM, help="a BERT-style encoder (hub id, directory or bundled copy)")
+    parser.add_argument("--decoder-layers", type=int, default=2,
+                        help="the decoder keeps this many of MiniLM's 6 layers, the first ones (a cheaper decoder "
+                             "for CPUs; the encoder keeps all)")
     args = parser.parse_args()
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
     torch.manual_seed(0)
-    model = EncoderDecoderModel.from_encoder_decoder_pretrained(source.path, source.path)
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(source.path, source.path,
+                                                                decoder_num_hidden_layers=args.decoder_layers)
     config = model.config
     config.decoder_start_token_id = tokenizer.cls_token_id
     config.eos_token_id = tokenizer.sep_token_id
     config.pad_token_id = tokenizer.pad_token_id
     config.vocab_size = config.decoder.vocab_size
     config.decoder.tie_word_embeddings = True
+    model.generation_config = GenerationConfig.from_model_config(config)  # generate starts from [CLS], ends at [SEP]
     pretrained = load_file(f"{source.path}/model.safetensors")
     names = {name.removeprefix("bert.") for name in pretrained}  # some BERT checkpoints prefix "bert."
     kept = {name: tensor for name, tensor in model.state_dict().items()
@@ -50,7 +56,8 @@ def main() -> None:
     torch.nn.init.zeros_(bias)
     kept["decoder.cls.predictions.bias"] = bias.detach()
     # Left out, by kind: "crossattention" for every layer's block, the LM head's parameters by name.
-    left_out = sorted({"crossattention" if ".crossattention." in n else n for n in model.state_dict() if n not in kept})
+    left_out = sorted({"crossattention" if ".crossattention." in n else n for n, _ in model.named_parameters()
+                       if n not in kept})
     note = f"{args.out}: {len(kept)} tensors from {source.name}; not in the checkpoint: {', '.join(left_out)}"
     model.save_pretrained(args.out, state_dict=kept)
     tokenizer.save_pretrained(args.out)

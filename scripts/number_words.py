@@ -1,14 +1,15 @@
-"""Write an English -> German translation data set of number words, for the offline seq2seq recipe.
+"""Write a German -> English translation data set of number words, for the offline seq2seq recipe.
 
 Each example is one or two numbers from 0 to 999, written out by the `num2words` package:
 
-    {"en": "three hundred and forty-two, seventeen", "de": "dreihundertzweiundvierzig, siebzehn"}
+    {"de": "dreihundertzweiundvierzig, siebzehn", "en": "three hundred and forty two, seventeen"}
 
 The numbers are split once, at random (seeded), into train, validation and test numbers, so the
 test split holds only numbers the model never saw in training: scoring it measures whether the
-model learned how German composes number words, not whether it remembers them. German umlauts are
-written ae, oe, ue (as German does without them; ß stays): MiniLM's uncased tokenizer strips
-accents, so a model on it could never write an umlaut back.
+model learned how German composes number words (units before tens, one word for the whole
+number), not whether it remembers them. English hyphens are written as spaces: MiniLM's tokenizer
+splits a hyphen off and decodes it with spaces around it ("forty - two"), which BLEU's tokenizer
+would count as other words than the reference's "forty-two".
 
     pip install -e ".[number-words]"      # num2words
     python scripts/number_words.py data/number-words
@@ -21,21 +22,18 @@ import json
 import random
 from pathlib import Path
 
-UMLAUTS = str.maketrans({"ä": "ae", "ö": "oe", "ü": "ue"})
-
-
 def words(number: int, lang: str) -> str:
     from num2words import num2words
 
     text = num2words(number, lang=lang)
-    return text.translate(UMLAUTS) if lang == "de" else text
+    return text.replace("-", " ") if lang == "en" else text
 
 
 def examples(numbers: list[int], count: int, rng: random.Random) -> list[dict]:
     rows = []
     for _ in range(count):
         picked = rng.sample(numbers, rng.randint(1, 2))
-        rows.append({"en": ", ".join(words(n, "en") for n in picked), "de": ", ".join(words(n, "de") for n in picked)})
+        rows.append({"de": ", ".join(words(n, "de") for n in picked), "en": ", ".join(words(n, "en") for n in picked)})
     return rows
 
 
