@@ -117,4 +117,4 @@ def test_missing_recipe_file(tmp_path):
 
 def test_label_smoothing_is_for_classification_only():
     assert problems({**MINIMAL, "model": {"name": "m", "task": "causal-lm"}, "train": {"label_smoothing": 0.1}}) == [
-        "train.label_smoothing: only for model.task: sequence-classification"]
+        "train.label_smoothing: only for model.task: sequence-classification or token-classification"]

@@ -159,6 +159,21 @@ def test_predict_gives_entities_with_character_offsets():
     assert [text[e["start"]:e["end"]] for e in row["entities"]] == ["ball goal,", "orbit moon"]
 
 
+def test_tokenization_cache_gives_the_same_split():
+    from lorafit import cache
+
+    data = sentences((["the", "football", "rockets", "fly"], ["O", "B-X", "I-X", "O"]), (["goal"], ["B-X"]))
+    fresh = tokenize_sentences(data, wordpiece_tokenizer(), max_length=5, cache=True)
+    hits = cache.lookups["hit"]
+    cached = tokenize_sentences(data, wordpiece_tokenizer(), max_length=5, label_all_subwords=True, cache=True)
+    assert cache.lookups["hit"] == hits + 1
+    assert (cached.input_ids, cached.first_tokens, cached.words_truncated) == \
+        (fresh.input_ids, fresh.first_tokens, fresh.words_truncated) == \
+        ([[2, 4, 5, 6, 3], [2, 9, 3]], [[1, 2, -1, -1], [1]], 2)
+    # label_all_subwords is applied after the cache: `football`'s second piece is labelled only here.
+    assert (fresh.labels[0][3], cached.labels[0][3]) == (IGNORE, 0)
+
+
 # ---------------------------------------------------------------- the loss the model defines
 
 ARCHITECTURES = ["bert", "roberta", "distilbert", "deberta-v2", "electra", "gpt2", "llama"]
@@ -413,3 +428,14 @@ def test_peft_loads_our_adapter_and_we_load_peft_s(model_type, toy_ner, tmp_path
     loaded, _, spec = load_adapter_model(tmp_path / "peft")
     assert spec.task == "token-classification" and len(spec.labels) == 7
     torch.testing.assert_close(tagger_logits(loaded, PROBE), tagger_logits(made, PROBE), atol=1e-5, rtol=0)
+
+
+def test_recipe_keys_belong_to_the_task():
+    raw = {"name": "r", "model": {"name": "m", "task": "sequence-classification"},
+           "data": {"tag_scheme": "IOBES", "tokens_column": "words"}, "train": {"label_smoothing": 0.1}}
+    with pytest.raises(LorafitError) as err:
+        recipe_from_dict(raw)
+    assert str(err.value).splitlines()[1:] == ["  - data.tokens_column: only for model.task: token-classification",
+                                               "  - data.tag_scheme: only for model.task: token-classification"]
+    raw["model"]["task"] = "token-classification"
+    assert recipe_from_dict(raw).data.tag_scheme == "IOBES"
