@@ -12,9 +12,24 @@ Contenders:
 - lorafit:    `lorafit train` with the recipe's defaults (length-grouped batches, precision auto),
               or with `--same-settings` PEFT's exact batches and fp32.
 
+Jobs (--task): newsgroups (MiniLM sequence classification) and smollm2 (causal LM) run their
+recipes in configs/. seq2seq and token-classification have no recipe here; the script writes one
+(lorafit's defaults plus the job's data, LoRA and batch) and its data, passages of 20 Newsgroups'
+training posts (see `newsgroups_passages`):
+- seq2seq: Marian en-de's shapes with random weights (scripts/random_model.py; no pretrained
+  copy is offline, and MiniLM's WordPiece tokenizer stands in for Marian's sentencepiece), built
+  once under the lorafit cache; LoRA on q_proj/v_proj (self- and cross-attention), batch 16, 128
+  tokens. Source: a passage; target: its words in reverse order, a stand-in translation of the
+  same length (throughput depends on lengths, not on what the words mean). Tokens counted, as
+  lorafit's log counts them: source tokens (the decoder reads as many again).
+- token-classification: the bundled pretrained MiniLM-L6, LoRA on query/value, batch 16, 128 tokens.
+  Words: a passage's words and punctuation; tags: IOB2 from the surface form (see `surface_tags`).
+
     python scripts/bench.py --task newsgroups --steps 40 --rounds 3
     python scripts/bench.py --task newsgroups --steps 40 --rounds 3 --same-settings
     python scripts/bench.py --task smollm2 --steps 12 --rounds 2
+    python scripts/bench.py --task seq2seq --steps 30 --warmup 5 --rounds 2
+    python scripts/bench.py --task token-classification --steps 60 --warmup 10 --rounds 3
     python scripts/bench.py --time-to-accuracy            # newsgroups recipe, test accuracy >= 0.70
 """
 
@@ -23,44 +38,259 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {
-    # recipe, LoRA targets, batch size, max_length
-    "newsgroups": ("configs/newsgroups.yaml", ["query", "value"], 16, 256),
-    "smollm2": ("configs/smollm2-newsgroups-lm.yaml", ["q_proj", "v_proj"], 8, 256),
-}
+sys.path.insert(0, str(ROOT))  # measure this checkout's lorafit, not whichever the venv has installed
 LORA_RANK, LORA_ALPHA = 8, 16  # the throughput jobs' LoRA, on both sides whatever the recipe says
+N_EVAL = 8  # eval rows written beside a job's training data (evaluation is off during the measurement)
 
 
-# ---------------------------------------------------------------- workers (one per process)
+# ---------------------------------------------------------------- data of the jobs without a recipe
 
 
-def texts_and_labels(task: str, n: int, seed: int):
+PLAIN_WORD = re.compile(r"[(\"']?[A-Za-z][A-Za-z'-]*[)\"']?[.,;:!?)\"']*")  # a word, maybe quoted or punctuated
+
+
+def newsgroups_passages(n: int) -> list[str]:
+    """The first `n` passages of running text in 20 Newsgroups' training posts (headers, footers
+    and quotes removed, as the newsgroups recipe reads them), in post order.
+
+    A passage is whole consecutive sentences of one post, cut once it reaches 48 words; passages
+    over 96 words are dropped, and so are sentences where fewer than 80% of the words are plain
+    words (code, tables, signatures). About 55-130 WordPiece tokens each (median 80).
+    """
+    from sklearn.datasets import fetch_20newsgroups
+
+    posts = fetch_20newsgroups(subset="train", remove=("headers", "footers", "quotes"),
+                               download_if_missing=False).data
+    passages: list[str] = []
+    for post in posts:
+        words: list[str] = []
+        for sentence in re.split(r"(?<=[.!?])\s+", " ".join(post.split())):
+            sentence_words = sentence.split()
+            if sum(1 for w in sentence_words if PLAIN_WORD.fullmatch(w)) < 0.8 * len(sentence_words):
+                words = []  # a passage never spans code or a table
+                continue
+            words += sentence_words
+            if len(words) >= 48:
+                if len(words) <= 96:
+                    passages.append(" ".join(words))
+                    if len(passages) == n:
+                        return passages
+                words = []
+    raise SystemExit(f"20 Newsgroups has only {len(passages)} passages; ask for fewer steps")
+
+
+def translation_pairs(n: int) -> list[dict]:
+    """Source: a passage; target: its words in reverse order (same tokens, so the same length)."""
+    return [{"source": p, "target": " ".join(reversed(p.split()))} for p in newsgroups_passages(n)]
+
+
+def surface_tags(words: list[str]) -> list[str]:
+    """IOB2 tags read off the surface: a run of capitalised words that does not open a sentence is a
+    NAME, a word starting with a digit a NUM, anything else O. (Deterministic, so both contenders
+    and every round see the same tags; the model learns a real, if easy, pattern.)"""
+    tags = []
+    for i, word in enumerate(words):
+        opens_sentence = i == 0 or words[i - 1] in {".", "!", "?"}
+        if word[0].isdigit():
+            tags.append("B-NUM")
+        elif word[0].isupper() and not opens_sentence and word != "I":
+            tags.append("I-NAME" if tags and tags[-1].endswith("NAME") else "B-NAME")
+        else:
+            tags.append("O")
+    return tags
+
+
+def tagged_words(n: int) -> list[dict]:
+    """A passage's words and punctuation marks, each with its `surface_tags` tag."""
+    rows = []
+    for passage in newsgroups_passages(n):
+        words = re.findall(r"\w+(?:['-]\w+)*|[^\w\s]", passage)
+        rows.append({"tokens": words, "tags": surface_tags(words)})
+    return rows
+
+
+# ---------------------------------------------------------------- the PEFT side's tokenized rows
+
+
+def recipe_data(task: str, n: int):
+    """The data section of the job's recipe, cut to its first `n` training examples."""
     from lorafit.recipe import load_recipe
-    from lorafit.tasks.causal_lm import load_lm_data
+
+    data = load_recipe(ROOT / JOBS[task].recipe).data
+    data.max_train_samples = n
+    return data
+
+
+def classification_rows(task: str, tokenizer, n: int, max_length: int) -> tuple[list[dict], list[str]]:
     from lorafit.tasks.classification import load_classification_data
 
-    recipe = load_recipe(ROOT / TASKS[task][0])
-    recipe.data.max_train_samples = n
-    if task == "newsgroups":
-        data = load_classification_data(recipe.data, seed)
-        return data.train.texts, data.train.labels, len(data.labels)
-    data = load_lm_data(recipe.data, seed)
-    return [e["text"] for e in data.train], None, None
+    data = load_classification_data(recipe_data(task, n), seed=42)
+    ids = tokenizer(data.train.texts, truncation=True, max_length=max_length)["input_ids"]
+    return [{"input_ids": x, "labels": y} for x, y in zip(ids, data.train.labels)], data.labels
+
+
+def causal_lm_rows(task: str, tokenizer, n: int, max_length: int) -> tuple[list[dict], None]:
+    from lorafit.tasks.causal_lm import load_lm_data
+
+    texts = [e["text"] for e in load_lm_data(recipe_data(task, n), seed=42).train]
+    ids = [x + [tokenizer.eos_token_id] for x in tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]]
+    return [{"input_ids": x, "labels": x} for x in ids], None
+
+
+def seq2seq_rows(task: str, tokenizer, n: int, max_length: int) -> tuple[list[dict], None]:
+    pairs = translation_pairs(n)
+    enc = tokenizer([p["source"] for p in pairs], text_target=[p["target"] for p in pairs], truncation=True,
+                    max_length=max_length)
+    return [{"input_ids": x, "labels": y} for x, y in zip(enc["input_ids"], enc["labels"])], None
+
+
+def token_classification_rows(task: str, tokenizer, n: int, max_length: int) -> tuple[list[dict], list[str]]:
+    """Tags on the first sub-word of each word, -100 elsewhere (transformers' token-classification
+    example, and lorafit's default)."""
+    examples = tagged_words(n)
+    names = sorted({tag for e in examples for tag in e["tags"]})
+    enc = tokenizer([e["tokens"] for e in examples], is_split_into_words=True, truncation=True, max_length=max_length)
+    rows = []
+    for i, example in enumerate(examples):
+        words = enc.word_ids(i)
+        labels = [-100 if w is None or (j > 0 and words[j - 1] == w) else names.index(example["tags"][w])
+                  for j, w in enumerate(words)]
+        rows.append({"input_ids": enc["input_ids"][i], "labels": labels})
+    return rows, names
+
+
+def pad_rows(rows: list[dict], pad_id: int) -> dict:
+    """A batch padded on the right to its longest row, as transformers' collators pad: input_ids
+    with the pad id, per-token labels with -100; attention_mask marks the real tokens; one label
+    per row stacks."""
+    import torch
+
+    def pad(seqs: list[list[int]], value: int):
+        width = max(map(len, seqs))
+        return torch.tensor([s + [value] * (width - len(s)) for s in seqs])
+
+    ids = [r["input_ids"] for r in rows]
+    labels = [r["labels"] for r in rows]
+    return {"input_ids": pad(ids, pad_id), "attention_mask": pad([[1] * len(x) for x in ids], 0),
+            "labels": pad(labels, -100) if isinstance(labels[0], list) else torch.tensor(labels)}
+
+
+# ---------------------------------------------------------------- the jobs
+
+
+@dataclass(frozen=True)
+class Job:
+    """One throughput job: what both sides train, with the same LoRA and batches."""
+
+    task: str
+    """lorafit's model.task."""
+    auto_class: str
+    """The transformers class the PEFT contenders load the model with."""
+    peft_task_type: str
+    targets: tuple[str, ...]
+    """LoRA target modules, on both sides."""
+    lora_dropout: float
+    """The PEFT contenders' LoRA dropout (lorafit takes the recipe's, or this in a written recipe)."""
+    batch_size: int
+    max_length: int
+    peft_rows: Callable
+    """(task, tokenizer, n, max_length) -> (tokenized rows, label names or None), for the PEFT contenders."""
+    recipe: str | None = None
+    """The recipe lorafit runs; None: the script writes one (`written_recipe`)."""
+    model: str | None = None
+    """The base model of a job without a recipe."""
+    data: Callable[[int], list[dict]] | None = None
+    """The first n raw rows of a job without a recipe, written as JSON lines for lorafit."""
+    columns: dict | None = None
+    """The written recipe's data.* column keys."""
+
+
+JOBS = {
+    "newsgroups": Job("sequence-classification", "AutoModelForSequenceClassification", "SEQ_CLS",
+                      ("query", "value"), 0.1, 16, 256, classification_rows, recipe="configs/newsgroups.yaml"),
+    "smollm2": Job("causal-lm", "AutoModelForCausalLM", "CAUSAL_LM", ("q_proj", "v_proj"), 0.0, 8, 256,
+                   causal_lm_rows, recipe="configs/smollm2-newsgroups-lm.yaml"),
+    "seq2seq": Job("seq2seq", "AutoModelForSeq2SeqLM", "SEQ_2_SEQ_LM", ("q_proj", "v_proj"), 0.1, 16, 128,
+                   seq2seq_rows, model="Helsinki-NLP/opus-mt-en-de", data=translation_pairs,
+                   columns={"source_column": "source", "target_column": "target"}),
+    "token-classification": Job("token-classification", "AutoModelForTokenClassification", "TOKEN_CLS",
+                                ("query", "value"), 0.1, 16, 128, token_classification_rows,
+                                model="sentence-transformers/all-MiniLM-L6-v2", data=tagged_words,
+                                columns={"tokens_column": "tokens", "tags_column": "tags"}),
+}
 
 
 def base_model_name(task: str, model: str | None) -> str:
-    return model or yaml.safe_load((ROOT / TASKS[task][0]).read_text())["model"]["name"]
+    """`model` if given; else the recipe's model; else the job's, as a random-weight copy built once
+    under the lorafit cache when scripts/random_model.py stands in for it (Marian en-de)."""
+    job = JOBS[task]
+    if model:
+        return model
+    if job.recipe:
+        return yaml.safe_load((ROOT / job.recipe).read_text())["model"]["name"]
+    from random_model import STAND_INS, write_random_model
+
+    from lorafit.cache import cache_root
+
+    if job.model not in STAND_INS:
+        return job.model
+    folder = cache_root() / "bench" / (job.model.replace("/", "--") + "-random")
+    if not (folder / "config.json").exists():
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        print(write_random_model(job.model, str(partial)), flush=True)
+        partial.rename(folder)  # whole or absent: a killed build leaves only the .partial folder
+    return str(folder)
+
+
+def written_recipe(task: str, folder: Path, n: int, model: str) -> Path:
+    """The recipe of a job with none in configs/: lorafit's defaults, the job's model, task, LoRA
+    dropout and data. The data goes to `folder` as JSON lines: n training rows and N_EVAL eval rows."""
+    job = JOBS[task]
+    rows = job.data(n + N_EVAL)
+    files = {"train": rows[:n], "eval": rows[n:]}
+    for split, part in files.items():
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    recipe = {"name": f"bench-{task}", "seed": 42, "model": {"name": model, "task": job.task},
+              "lora": {"dropout": job.lora_dropout},
+              "data": {"path": "json", "data_files": {s: str(folder / f"{s}.jsonl") for s in files},
+                       "eval_split": "eval", "test_split": None, **job.columns}}
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def load_base_model(job: Job, source, labels: list[str] | None):
+    """The base model as a PEFT user loads it: fp32, the checkpoint's own dropout, a fresh head for `labels`."""
+    import torch
+    import transformers
+
+    from lorafit.models import drop_gguf_quantizer
+
+    heads = ({"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+              "label2id": {name: i for i, name in enumerate(labels)}} if labels else {})
+    model = getattr(transformers, job.auto_class).from_pretrained(source.path, dtype=torch.float32, **source.kwargs,
+                                                                  **heads)
+    drop_gguf_quantizer(model)  # SmolLM2's bundled GGUF, dequantized: a plain fp32 model, as lorafit trains
+    return model
+
+
+# ---------------------------------------------------------------- workers (one per process)
 
 
 def synchronize(device) -> None:
@@ -72,31 +302,24 @@ def synchronize(device) -> None:
 
 def worker_peft(task: str, steps: int, warmup: int, tuned: bool, model_name: str | None) -> dict:
     import torch
-    import torch.nn.functional as F
-    from peft import LoraConfig, TaskType, get_peft_model
+    from peft import LoraConfig, get_peft_model
 
     from lorafit.data import batch_order
-    from lorafit.models import load_model, load_tokenizer, resolve_model
     from lorafit.device import pick_device
+    from lorafit.models import load_tokenizer, resolve_model
 
-    recipe_path, targets, batch_size, max_length = TASKS[task]
+    job = JOBS[task]
     torch.manual_seed(0)
     device = pick_device()
-    texts, labels, n_labels = texts_and_labels(task, steps * batch_size, seed=42)
     source = resolve_model(base_model_name(task, model_name))
     tokenizer = load_tokenizer(source)
-    classify = task == "newsgroups"
-    model, _ = load_model(source, "sequence-classification" if classify else "causal-lm", tokenizer,
-                          [str(i) for i in range(n_labels)] if classify else None)
-    config = LoraConfig(task_type=TaskType.SEQ_CLS if classify else TaskType.CAUSAL_LM, r=LORA_RANK,
-                        lora_alpha=LORA_ALPHA, lora_dropout=0.1 if classify else 0.0, target_modules=targets)
-    model = get_peft_model(model, config).to(device)
+    rows, labels = job.peft_rows(task, tokenizer, steps * job.batch_size, job.max_length)
+    config = LoraConfig(task_type=job.peft_task_type, r=LORA_RANK, lora_alpha=LORA_ALPHA,
+                        lora_dropout=job.lora_dropout, target_modules=list(job.targets))
+    model = get_peft_model(load_base_model(job, source, labels), config).to(device)
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4)
-    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
-    if not classify:
-        ids = [x + [tokenizer.eos_token_id] for x in ids]
-    order = batch_order([len(x) for x in ids], batch_size, 42, 0, group_by_length=tuned)
+    order = batch_order([len(r["input_ids"]) for r in rows], job.batch_size, 42, 0, group_by_length=tuned)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if tuned else torch.enable_grad
     tokens = samples = 0
     start = None
@@ -104,16 +327,11 @@ def worker_peft(task: str, steps: int, warmup: int, tuned: bool, model_name: str
         if step == warmup:
             synchronize(device)
             start, tokens, samples = time.perf_counter(), 0, 0
-        enc = tokenizer.pad({"input_ids": [ids[i] for i in batch_ids]}, return_tensors="pt")
-        tokens += int(enc["attention_mask"].sum())
-        enc = {k: v.to(device) for k, v in enc.items()}
+        batch = pad_rows([rows[i] for i in batch_ids], tokenizer.pad_token_id)
+        tokens += int(batch["attention_mask"].sum())  # what lorafit's log counts: the inputs' real tokens
+        batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            if classify:
-                logits = model(**enc).logits
-                loss = F.cross_entropy(logits.float(), torch.tensor([labels[i] for i in batch_ids], device=device))
-            else:
-                target = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-                loss = model(**enc, labels=target).loss
+            loss = model(**batch).loss  # the model's own loss on its labels, as Trainer takes it
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -143,11 +361,12 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool, mode
     from lorafit.device import pick_device
     from lorafit.train import train
 
-    recipe_path, targets, batch_size, max_length = TASKS[task]
+    job = JOBS[task]
+    batch_size = job.batch_size
     overrides = [f"train.max_steps={steps}", f"data.max_train_samples={steps * batch_size}",
-                 f"train.batch_size={batch_size}", f"lora.target_modules=[{','.join(targets)}]",
-                 f"data.max_length={max_length}", f"lora.rank={LORA_RANK}", f"lora.alpha={LORA_ALPHA}",
-                 "data.max_eval_samples=8", "data.test_split=null", "train.eval_every=null",
+                 f"train.batch_size={batch_size}", f"lora.target_modules=[{','.join(job.targets)}]",
+                 f"data.max_length={job.max_length}", f"lora.rank={LORA_RANK}", f"lora.alpha={LORA_ALPHA}",
+                 f"data.max_eval_samples={N_EVAL}", "data.test_split=null", "train.eval_every=null",
                  "train.save_every=null", "train.eval_at_start=false", "train.log_every=1"]
     if same_settings:
         overrides += ["train.precision=fp32", "train.group_by_length=false", "model.dropout=null",
@@ -156,8 +375,10 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool, mode
         overrides.append(f"model.name={model_name}")
     log = io.StringIO()
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = load_recipe(ROOT / recipe_path, [*overrides, f"train.output_dir={tmp}/run"])
-        train(recipe, console=Console(file=log, width=200))
+        recipe_path = (ROOT / job.recipe if job.recipe
+                       else written_recipe(task, Path(tmp), steps * batch_size, base_model_name(task, model_name)))
+        recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir={tmp}/run"])
+        train(recipe, console=Console(file=log, width=1000))  # one line per message, for `picked`
         lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     steady = [m for m in lines if "split" not in m and m["step"] > warmup]
     # Each line covers one step (log_every=1): its time is samples / (samples/s).
@@ -333,23 +554,27 @@ def run_worker(worker: list[str], common: list[str], show_progress: bool = False
 
 
 def matmul_flops_per_token(task: str, model_name: str | None) -> float:
-    """Training matmul FLOPs per (padded) token with frozen base weights: forward 2·P, input
-    gradients 2·P (no weight gradients for frozen layers). Attention-score matmuls are left out,
-    so the fraction is a lower bound."""
-    from lorafit.models import load_model, load_tokenizer, resolve_model
-
-    source = resolve_model(base_model_name(task, model_name))
-    model, _ = load_model(source, "sequence-classification" if task == "newsgroups" else "causal-lm",
-                          load_tokenizer(source), ["a", "b"] if task == "newsgroups" else None)
+    """Training matmul FLOPs per counted token with frozen base weights: forward 2·P, input
+    gradients 2·P (no weight gradients for frozen layers), P the parameters of the Linears a token
+    passes. Attention-score matmuls are left out, so the fraction is a lower bound. In an
+    encoder-decoder a source token passes the encoder's Linears and a target token the decoder's
+    and the LM head; the seq2seq job's source and target are the same tokens reordered (equal
+    counts), so a counted token passes half of them on average."""
     import torch
 
+    from lorafit.models import resolve_model
+
+    job = JOBS[task]
+    source = resolve_model(base_model_name(task, model_name))
+    labels = ["a", "b"] if job.task in ("sequence-classification", "token-classification") else None
+    model = load_base_model(job, source, labels)
     params = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
-    return 4.0 * params
+    return 4.0 * params / (2 if model.config.is_encoder_decoder else 1)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--task", choices=sorted(TASKS), default="newsgroups")
+    parser.add_argument("--task", choices=list(JOBS), default="newsgroups")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
@@ -362,7 +587,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=224, help="steps between test evaluations")
     parser.add_argument("--budget-factor", type=float, default=3.0,
                         help="PEFT trains at most this many times lorafit's time to the target")
-    parser.add_argument("--model", help="base model (hub name or local directory) instead of the recipe's, for "
+    parser.add_argument("--model", help="base model (hub name or local directory) instead of the job's, for "
                         "every contender")
     parser.add_argument("--json", type=Path, help="also write every round's results here")
     parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -394,6 +619,8 @@ def main() -> None:
                   "peft-tuned": ["peft-tuned"]}
     results: dict[str, list[dict]] = {k: [] for k in contenders}
     common = ["--task", args.task, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    if not JOBS[args.task].recipe:  # its model may be a random copy, built here once for every worker
+        args.model = base_model_name(args.task, args.model)
     if args.model:
         common += ["--model", args.model]
     for round_ in range(args.rounds):
