@@ -21,8 +21,11 @@ SCRIPTS = Path(__file__).parent / "distributed"
 REPO = Path(__file__).parent.parent
 
 
-def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run tests/distributed/SCRIPT as `torchrun --standalone --nproc-per-node NPROC` workers."""
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run tests/distributed/SCRIPT as `torchrun --standalone --nproc-per-node NPROC` workers.
+
+    `timeout` only catches a hang: a run takes about 6 s on an idle 2-core machine, and took more than
+    60 s in CI beside the other test pass and a training job (its two ranks and imports share two cores)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                            str(SCRIPTS / script), *args], capture_output=True, text=True, env=env, timeout=timeout,
