@@ -352,6 +352,28 @@ def device_info(device) -> dict:
     return info
 
 
+def throughput_overrides(task: str, steps: int, batch_size: int | None = None) -> list[str]:
+    """The recipe overrides of a throughput job: `steps` steps of the job's batch (`batch_size` per
+    process where several share it), the job's LoRA and lengths, no evaluation, checkpoint or test
+    split, a log line per step."""
+    job = JOBS[task]
+    return [f"train.max_steps={steps}", f"data.max_train_samples={steps * job.batch_size}",
+            f"train.batch_size={batch_size or job.batch_size}", f"lora.target_modules=[{','.join(job.targets)}]",
+            f"data.max_length={job.max_length}", f"lora.rank={LORA_RANK}", f"lora.alpha={LORA_ALPHA}",
+            f"data.max_eval_samples={N_EVAL}", "data.test_split=null", "train.eval_every=null",
+            "train.save_every=null", "train.eval_at_start=false", "train.log_every=1"]
+
+
+def steady_throughput(lines: list[dict], warmup: int, batch_size: int) -> tuple[float, float]:
+    """(tokens/s, samples/s) over the steps after `warmup`, from metrics.jsonl lines logged every
+    step with `batch_size` samples (all processes together) each."""
+    steady = [m for m in lines if "split" not in m and m["step"] > warmup]
+    # Each line covers one step: its time is samples / (samples/s).
+    seconds = sum(batch_size / m["samples_per_s"] for m in steady)
+    tokens = sum(m["tokens_per_s"] * batch_size / m["samples_per_s"] for m in steady)
+    return tokens / seconds, batch_size * len(steady) / seconds
+
+
 def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool, model_name: str | None) -> dict:
     import io
 
@@ -362,12 +384,7 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool, mode
     from lorafit.train import train
 
     job = JOBS[task]
-    batch_size = job.batch_size
-    overrides = [f"train.max_steps={steps}", f"data.max_train_samples={steps * batch_size}",
-                 f"train.batch_size={batch_size}", f"lora.target_modules=[{','.join(job.targets)}]",
-                 f"data.max_length={job.max_length}", f"lora.rank={LORA_RANK}", f"lora.alpha={LORA_ALPHA}",
-                 f"data.max_eval_samples={N_EVAL}", "data.test_split=null", "train.eval_every=null",
-                 "train.save_every=null", "train.eval_at_start=false", "train.log_every=1"]
+    overrides = throughput_overrides(task, steps)
     if same_settings:
         overrides += ["train.precision=fp32", "train.group_by_length=false", "model.dropout=null",
                       "model.attention_dropout=null"]
@@ -376,18 +393,15 @@ def worker_lorafit(task: str, steps: int, warmup: int, same_settings: bool, mode
     log = io.StringIO()
     with tempfile.TemporaryDirectory() as tmp:
         recipe_path = (ROOT / job.recipe if job.recipe
-                       else written_recipe(task, Path(tmp), steps * batch_size, base_model_name(task, model_name)))
+                       else written_recipe(task, Path(tmp), steps * job.batch_size, base_model_name(task, model_name)))
         recipe = load_recipe(recipe_path, [*overrides, f"train.output_dir={tmp}/run"])
         train(recipe, console=Console(file=log, width=1000))  # one line per message, for `picked`
         lines = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
-    steady = [m for m in lines if "split" not in m and m["step"] > warmup]
-    # Each line covers one step (log_every=1): its time is samples / (samples/s).
-    seconds = sum(batch_size / m["samples_per_s"] for m in steady)
-    tokens = sum(m["tokens_per_s"] * batch_size / m["samples_per_s"] for m in steady)
+    tokens_per_s, samples_per_s = steady_throughput(lines, warmup, job.batch_size)
     # The run's own "device ..., precision ..." line: what lorafit picked with no recipe change.
     picked = next((line.strip() for line in log.getvalue().splitlines() if line.startswith("device ")), "")
-    return {"tokens_per_s": tokens / seconds, "samples_per_s": batch_size * len(steady) / seconds,
-            "picked": picked, **device_info(pick_device())}
+    return {"tokens_per_s": tokens_per_s, "samples_per_s": samples_per_s, "picked": picked,
+            **device_info(pick_device())}
 
 
 # ---------------------------------------------------------------- time to accuracy (newsgroups)
