@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
-from lorafit.data import eval_order, get_split, open_hf, padded_width, split_source
+from lorafit.data import eval_order, get_split, hold_out, open_hf, padded_width, split_source
 from lorafit.errors import LorafitError
 from lorafit.fast import LogitTransform, head_cross_entropy, probe_failed
 from lorafit.lm import IGNORE, LogitSwap, logit_transforms, probed_once
@@ -416,16 +416,13 @@ class Seq2Seq(Task):
     def load_data(self, cfg, seed: int) -> TaskData:
         """The recipe's splits as source/target pairs; without an eval split, `eval_fraction` of
         train held out (seeded); `max_train_samples` and `max_eval_samples` cut them."""
-        from sklearn.model_selection import train_test_split
-
         pairs = read_pairs(cfg, [s for s in (cfg.train_split, cfg.eval_split, cfg.test_split) if s])
         train = pairs[cfg.train_split]
         if cfg.eval_split:
             eval_ = pairs[cfg.eval_split]
         else:
-            if len(train) < 2:
-                raise LorafitError("data: too few training examples to hold out an eval split; set data.eval_split")
-            train, eval_ = train_test_split(train, test_size=cfg.eval_fraction, random_state=seed)
+            keep, held = hold_out(len(train), cfg.eval_fraction, seed)
+            train, eval_ = [train[i] for i in keep], [train[i] for i in held]
         test = pairs[cfg.test_split] if cfg.test_split else None
         if cfg.max_train_samples:
             train = train[:cfg.max_train_samples]

@@ -463,7 +463,7 @@ class TokenClassification(Task):
         """Train, eval (held out of train, seeded, without `data.eval_split`) and test sentences, tags as
         ids into the train split's tag names (or its ClassLabel's); tags of other splits unseen in
         training are an error."""
-        from sklearn.model_selection import train_test_split
+        from lorafit.data import hold_out
 
         wanted = list(dict.fromkeys(s for s in (cfg.train_split, cfg.eval_split, cfg.test_split) if s))
         raw = read_splits(cfg, wanted)
@@ -474,9 +474,7 @@ class TokenClassification(Task):
         if cfg.eval_split:
             eval_ = encode(cfg.eval_split)
         else:
-            if len(train) < 2:
-                raise LorafitError("data: too few training sentences to hold out an eval split; set data.eval_split")
-            keep, held = train_test_split(list(range(len(train))), test_size=cfg.eval_fraction, random_state=seed)
+            keep, held = hold_out(len(train), cfg.eval_fraction, seed)
             train, eval_ = train.pick(keep), train.pick(held)
         test = encode(cfg.test_split) if cfg.test_split else None
         train = train.head(cfg.max_train_samples)
