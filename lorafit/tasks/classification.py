@@ -372,15 +372,11 @@ class SequenceClassification(Task):
         return predict_texts(trained, texts, console)
 
     def predictions_table(self, rows: list[dict], top_k: int = 3):
-        from rich.table import Table
+        """The predicted label and its probability, and the `top_k` labels with theirs."""
+        from lorafit.report import predictions_table
 
-        table = Table()
-        for column in ("#", "text", "label", "probability", f"top {top_k}"):
-            table.add_column(column, justify="right" if column in ("#", "probability") else "left",
-                             overflow="fold" if column == "text" else "ellipsis")
-        for i, row in enumerate(rows, start=1):
+        def cells(row: dict) -> list[str]:
             ranked = sorted(row["probs"].items(), key=lambda item: -item[1])[:top_k]
-            text = row["text"] if len(row["text"]) <= 80 else row["text"][:77] + "..."
-            table.add_row(str(i), text, row["label"], f"{row['score']:.4f}",
-                          ", ".join(f"{name} {p:.3f}" for name, p in ranked))
-        return table
+            return [row["label"], f"{row['score']:.4f}", ", ".join(f"{name} {p:.3f}" for name, p in ranked)]
+
+        return predictions_table(rows, {"label": {}, "probability": {"justify": "right"}, f"top {top_k}": {}}, cells)

@@ -598,13 +598,10 @@ class TokenClassification(Task):
         return rows
 
     def predictions_table(self, rows: list[dict]):
-        from rich.table import Table
+        """Each text's entities: text, type and character span."""
+        from lorafit.report import predictions_table
 
-        table = Table()
-        for column in ("#", "text", "entities"):
-            table.add_column(column, justify="right" if column == "#" else "left", overflow="fold")
-        for i, row in enumerate(rows, start=1):
-            text = row["text"] if len(row["text"]) <= 80 else row["text"][:77] + "..."
-            table.add_row(str(i), text, "; ".join(f"{e['text']!r} {e['type']} [{e['start']}:{e['end']}]"
-                                                  for e in row["entities"]) or "-")
-        return table
+        def cells(row: dict) -> list[str]:
+            return ["; ".join(f"{e['text']!r} {e['type']} [{e['start']}:{e['end']}]" for e in row["entities"]) or "-"]
+
+        return predictions_table(rows, {"entities": {"overflow": "fold"}}, cells)
