@@ -26,6 +26,10 @@ class TextSplit:
     texts: list[str]
     labels: list[Any]
 
+    def pick(self, indices: list[int]) -> TextSplit:
+        """The examples at `indices`, in that order."""
+        return TextSplit([self.texts[i] for i in indices], [self.labels[i] for i in indices])
+
 
 # ---------------------------------------------------------------- loading
 
@@ -121,6 +125,27 @@ def open_hf(cfg: DataConfig):
         if empty:
             raise LorafitError(f"data: split {empty[1]!r} is empty: {split_source(cfg, empty[1])} has no rows") from None
         raise LorafitError(f"data: could not load dataset {cfg.path!r}: {str(err).splitlines()[0]}") from None
+
+
+def hold_out(n: int, fraction: float, seed: int, stratify: list[Any] | None = None) -> tuple[list[int], list[int]]:
+    """The eval hold-out of a train split without `data.eval_split`: indices (keep, held) of its `n`
+    examples, `fraction` of them held out by scikit-learn's `train_test_split` seeded with `seed`,
+    each list in the order it draws. Stratified by `stratify` (a label per example) where it can be
+    (every class has two examples, and the held-out part room for each class), else plain.
+    Raises `LorafitError` when `n` < 2, too few to split."""
+    from sklearn.model_selection import train_test_split
+
+    if n < 2:
+        raise LorafitError("data: too few training examples to hold out an eval split; set data.eval_split")
+    indices = list(range(n))
+    if stratify is not None:
+        try:
+            keep, held = train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
+            return keep, held
+        except ValueError:  # a class with one example, or more classes than held-out examples
+            pass
+    keep, held = train_test_split(indices, test_size=fraction, random_state=seed)
+    return keep, held
 
 
 def get_split(dataset, split: str, columns: dict[str, str]):

@@ -233,8 +233,10 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float,
 
 def _attention_calls(model: nn.Module) -> list[tuple]:
     """(module, query, key, value, attention_mask, kwargs) of every attention-function call the model
-    makes in training mode on a probe batch, with a padding mask and without one. The model is back
-    on SDPA afterwards."""
+    makes in training mode on a probe batch, with a padding mask and without one. A seq2seq LM gets the
+    probe ids less the last as labels, from which its forward makes its decoder inputs as in training;
+    other encoder-decoders (BART's and T5's classifiers) make them from the input ids. The model is
+    back on SDPA afterwards."""
     functions, masks = attention_registries()
     sdpa, calls = functions["sdpa"], []
 
@@ -248,9 +250,13 @@ def _attention_calls(model: nn.Module) -> list[tuple]:
         model.set_attn_implementation(ATTENTION)
         model.train()  # so that the calls pass their dropout rates
         ids, mask = probe_batch(model)
+        # T5's and Marian's forwards make decoder inputs from labels only. A target shorter than the
+        # source, as translations have, gives cross-attention scores that are not square.
+        seq2seq_lm = model.config.is_encoder_decoder and model.can_generate()
+        labels = {"labels": ids[:, :-1].contiguous()} if seq2seq_lm else {}
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)
-            model(input_ids=ids)  # causal or full attention without a mask
+            model(input_ids=ids, attention_mask=mask, **labels)
+            model(input_ids=ids, **labels)  # causal or full attention without a mask
     finally:
         functions.register(ATTENTION, sdpa_fast_dropout)
         model.set_attn_implementation("sdpa")

@@ -12,7 +12,9 @@ prediction for it comes from position t-1 (the shift happens in `lm_loss`).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +23,8 @@ from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerp
 from lorafit.data import padded_width
 from lorafit.errors import LorafitError
 from lorafit.fast import LogitTransform, head_cross_entropy, probe_failed
+
+T = TypeVar("T")
 
 IGNORE = -100
 
@@ -205,6 +209,33 @@ class LogitSwap:
         return self.replaced[-1]
 
 
+def run_head_probe(model, run: Callable[[torch.Generator, torch.device], T]) -> tuple[LogitSwap, T] | str:
+    """The frame of the loss-path probes (`probe_loss_path` here and in `tasks.seq2seq`): `run(generator,
+    device)` runs the model on random inputs that it draws from `generator` (seeded 0), in eval mode with
+    autocast off and a `LogitSwap` (drawing from the same generator) on the output embedding. The global
+    RNG is untouched and the model's mode restored. Returns the swap, holding what the head read and
+    returned in each call, and what `run` returned; or, when there is nothing to prove, the reason for
+    the note: the model has no output embedding, or `run` raised."""
+    head = model.get_output_embeddings()
+    if head is None:
+        return "no output embedding"
+    generator = torch.Generator().manual_seed(0)
+    swap = LogitSwap(generator)
+    was_training = model.training
+    model.eval()
+    hook = head.register_forward_hook(swap)
+    try:
+        device = next(model.parameters()).device
+        with torch.autocast(device.type, enabled=False):
+            result = run(generator, device)
+    except Exception as err:  # whatever the model, training goes on, by its own forward
+        return f"the {probe_failed(err)}"
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return swap, result
+
+
 def probed_once(model, attribute: str, probe):
     """`probe(model)`, computed on first use and kept on the model as `attribute`."""
     result = getattr(model, attribute, None)
@@ -230,28 +261,19 @@ def probe_loss_path(model) -> LossPath:
     the head's input changed, vocabulary entries masked, a body that is not found or takes other
     inputs) the loss comes from the model's forward. Autocast is off; the global RNG is untouched.
     """
-    head = model.get_output_embeddings()
-    if head is None:
-        return _fallback("no output embedding")
-    generator = torch.Generator().manual_seed(0)
-    swap = LogitSwap(generator)
-    seen, replaced = swap.seen, swap.replaced
-    was_training = model.training
-    model.eval()
-    hook = head.register_forward_hook(swap)
-    try:
-        device = next(model.parameters()).device
+
+    def run(generator: torch.Generator, device: torch.device):
         inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (2, 8), generator=generator).to(device)}
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
-        with torch.autocast(device.type, enabled=False):
-            logits = model(**inputs, use_cache=False).logits
-            body = model.get_submodule(model.base_model_prefix)
-            hidden = body(**inputs, use_cache=False).last_hidden_state
-    except Exception as err:  # whatever the model, training goes on, by its own forward
-        return _fallback(f"the {probe_failed(err)}")
-    finally:
-        hook.remove()
-        model.train(was_training)
+        logits = model(**inputs, use_cache=False).logits
+        body = model.get_submodule(model.base_model_prefix)
+        return logits, body, body(**inputs, use_cache=False).last_hidden_state
+
+    probed = run_head_probe(model, run)
+    if isinstance(probed, str):
+        return _fallback(probed)
+    swap, (logits, body, hidden) = probed
+    seen, replaced = swap.seen, swap.replaced
     if len(seen) != 1:
         return _fallback(f"its output embedding ran {len(seen)} times in one forward")
     if seen[0].shape != hidden.shape or not torch.allclose(seen[0], hidden, rtol=1e-5, atol=1e-6):

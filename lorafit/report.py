@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.table import Table
@@ -171,6 +172,21 @@ def metrics_table(report: dict) -> Table:
     table.add_row("accuracy", "", "", f"{report['accuracy']:.4f}", str(total))
     table.add_row("macro-F1", "", "", f"{report['macro_f1']:.4f}", str(total))
     table.add_row("loss", "", "", f"{report['loss']:.4f}", "")
+    return table
+
+
+def predictions_table(rows: list[dict], columns: dict[str, dict], cells: Callable[[dict], list[str]]) -> Table:
+    """`lorafit predict`'s table: per row of a task's `predict`, its number ("#") and its "text" (past 80
+    characters, the first 77 and "..."; wrapped), then the task's `columns` ({name: `Table.add_column`
+    options}), whose cells `cells(row)` gives in that order."""
+    table = Table()
+    table.add_column("#", justify="right")
+    table.add_column("text", overflow="fold")
+    for name, options in columns.items():
+        table.add_column(name, **options)
+    for i, row in enumerate(rows, start=1):
+        text = row["text"] if len(row["text"]) <= 80 else row["text"][:77] + "..."
+        table.add_row(str(i), text, *cells(row))
     return table
 
 

@@ -242,6 +242,32 @@ def test_attention_dropout_uses_the_recorded_mask(masking, monkeypatch):
     torch.testing.assert_close(plain, (probs @ v).transpose(1, 2))
 
 
+def keep_everything(model: nn.Module) -> None:
+    """Switch `model` to SDPA with its output scaled by 1/(1 - p): what an attention dropout that drops
+    nothing computes, and so what `sdpa_fast_dropout` must give with its masks forced empty."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return out / (1 - dropout), None
+
+    ALL_ATTENTION_FUNCTIONS.register("keep_everything", attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("keep_everything", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation("keep_everything")
+
+
+def empty_masks(monkeypatch) -> list[float]:
+    """Force `fast.drop_mask` to drop nothing; returns the list of the rates it is called with."""
+    import lorafit.fast as fast
+
+    rates = []
+    monkeypatch.setattr(fast, "drop_mask", lambda shape, p, device: rates.append(p) or torch.zeros(
+        shape, dtype=torch.bool, device=device))
+    return rates
+
+
 @pytest.mark.parametrize("kind", ["bert", "gpt2", "llama"])
 def test_fast_attention_dropout_is_what_runs_and_equals_sdpa_with_nothing_dropped(kind, tiny_models, monkeypatch):
     """Hidden dropout off, attention dropout 0.1. In training every attention call goes through
@@ -249,8 +275,6 @@ def test_fast_attention_dropout_is_what_runs_and_equals_sdpa_with_nothing_droppe
     empty, logits and LoRA gradients are SDPA's with its output scaled by 1/(1 - p), which is what a
     dropout that keeps everything computes. Real masks drop at rate p and repeat under one seed."""
     import lorafit.fast as fast
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     model, _ = load_model(ModelSource(kind, str(tiny_models[kind])), "sequence-classification", make_tokenizer(),
@@ -263,14 +287,7 @@ def test_fast_attention_dropout_is_what_runs_and_equals_sdpa_with_nothing_droppe
     speed_up = fast.use_fast_attention_dropout(model)
     assert speed_up.note() == "fast attention dropout" and len(speed_up.patched) == 2
     assert ALL_ATTENTION_FUNCTIONS[model.config._attn_implementation] is fast.sdpa_fast_dropout
-
-    def keep_everything(module, query, key, value, attention_mask, dropout=0.0, **kwargs):
-        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        return out / (1 - dropout), None
-
-    ALL_ATTENTION_FUNCTIONS.register("keep_everything", keep_everything)
-    ALL_MASK_ATTENTION_FUNCTIONS.register("keep_everything", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
-    reference.set_attn_implementation("keep_everything")
+    keep_everything(reference)
 
     ids = torch.tensor([[2, 5, 7, 9, 11, 6], [2, 8, 10, 3, 0, 0]])
     cotangent = torch.randn(2, 3)
@@ -281,10 +298,8 @@ def test_fast_attention_dropout_is_what_runs_and_equals_sdpa_with_nothing_droppe
         (logits * cotangent).sum().backward()
         return logits.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
 
-    rates = []
     real_drop_mask = fast.drop_mask
-    monkeypatch.setattr(fast, "drop_mask", lambda shape, p, device: rates.append(p) or torch.zeros(
-        shape, dtype=torch.bool, device=device))
+    rates = empty_masks(monkeypatch)
     logits, grads = run(reference)
     assert rates == []
     fast_logits, fast_grads = run(model)
@@ -306,6 +321,69 @@ def test_fast_attention_dropout_is_what_runs_and_equals_sdpa_with_nothing_droppe
     # and a causal model's masked-out scores are dropped at the same rate).
     assert abs(torch.cat([m.flatten() for m in masks[:2]]).float().mean().item() - 0.1) < 0.01
     assert not torch.equal(model.eval()(input_ids=many).logits, dropped)
+
+
+ENCODER_DECODER_CALLS = ["model.encoder.layers.0.self_attn", "model.decoder.layers.0.self_attn",
+                         "model.decoder.layers.0.encoder_attn"]
+
+
+@pytest.mark.parametrize("kind", ["bart", "marian", "t5"])
+def test_fast_attention_dropout_probes_seq2seq_lms_and_equals_sdpa_with_nothing_dropped(kind, monkeypatch):
+    """Tiny seq2seq LMs, attention dropout 0.1. T5's and Marian's forwards make decoder inputs from labels
+    only, so the probe gives the decoder its own. BART's and Marian's encoder, decoder and cross-attention
+    calls prove themselves and switch on; in training, with the masks forced empty, the loss and LoRA
+    gradients are SDPA's scaled as a dropout that keeps everything scales them, and real masks repeat
+    under one seed. T5 passes its relative position bias, which `dropout_attention` does not add: it
+    keeps SDPA."""
+    import lorafit.fast as fast
+    from test_seq2seq import random_batch, tiny_config
+    from transformers import AutoModelForSeq2SeqLM
+
+    config = tiny_config(kind)
+    if kind == "t5":
+        config.dropout_rate = 0.1  # T5's one rate, on its attention probabilities too
+    else:
+        config.dropout, config.attention_dropout = 0.0, 0.1
+    torch.manual_seed(0)
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    add_lora(model, 4, 8, "all-linear")
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            nn.init.normal_(param, std=0.1)
+    reference = copy.deepcopy(model)
+    speed_up = fast.use_fast_attention_dropout(model)
+    if kind == "t5":
+        assert speed_up.note() == ("fast attention dropout: off for encoder.block.0.layer.0.SelfAttention and 2 more "
+                                   "(attention passes position_bias)")
+        assert speed_up.patched == [] and model.config._attn_implementation == "sdpa"
+        return
+    assert speed_up.note() == "fast attention dropout" and speed_up.patched == ENCODER_DECODER_CALLS
+    keep_everything(reference)
+    batch = random_batch()
+
+    def run(m):
+        m.train()
+        loss = m(**batch).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+
+    rates = empty_masks(monkeypatch)
+    loss, grads = run(reference)
+    assert rates == []
+    fast_loss, fast_grads = run(model)
+    assert rates == [0.1, 0.1, 0.1]  # one mask per attention call: the fast path ran
+    torch.testing.assert_close(fast_loss, loss, rtol=1e-5, atol=1e-6)
+    assert fast_grads.keys() == grads.keys() and len(grads) > 0
+    for name in grads:
+        torch.testing.assert_close(fast_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        dropped = model(**batch).loss
+        torch.manual_seed(0)
+        assert torch.equal(model(**batch).loss, dropped)
+        assert not torch.equal(model.eval()(**batch).loss, dropped)
 
 
 def test_silu_mul_matches_autograd_in_value_and_gradient():

@@ -65,3 +65,23 @@ def test_a_model_without_a_class_for_the_task_is_a_one_line_error(tiny_bodies, m
         load_model(ModelSource(path, path), task, make_tokenizer(), ["a", "b"])
     assert str(caught.value) == (f"model.task: {task}: {auto_class} has no class for {path} (model type "
                                  f"{model_type!r}); pick a model made for {task}, or another model.task")
+
+
+def test_hold_out_is_seeded_stratified_where_it_can_be_and_needs_two_examples():
+    from lorafit.data import hold_out
+
+    keep, held = hold_out(10, 0.3, seed=0)
+    assert (keep, held) == ([9, 1, 6, 7, 3, 0, 5], [2, 8, 4])  # scikit-learn's seeded order, as recipes ran it
+    assert hold_out(10, 0.3, seed=0) == (keep, held) and hold_out(10, 0.3, seed=1) != (keep, held)
+    labels = ["a"] * 12 + ["b"] * 8
+    for seed, plain_a in ((1, 4), (4, 2)):  # seeds where a plain split misses the 3:2 share
+        assert [labels[i] for i in hold_out(20, 0.25, seed)[1]].count("a") == plain_a
+        keep, held = hold_out(20, 0.25, seed, stratify=labels)
+        assert sorted(keep + held) == list(range(20))
+        assert [labels[i] for i in held].count("a") == 3 and [labels[i] for i in held].count("b") == 2
+    # One example of class "b": no stratified split exists, so the plain one is taken.
+    assert hold_out(10, 0.3, 0, stratify=["a"] * 9 + ["b"]) == hold_out(10, 0.3, 0)
+    for n in (0, 1):
+        with pytest.raises(LorafitError) as error:
+            hold_out(n, 0.3, 0)
+        assert str(error.value) == "data: too few training examples to hold out an eval split; set data.eval_split"

@@ -21,7 +21,8 @@ from typing import Callable
 
 import torch
 
-from lorafit.data import NEWSGROUPS, default_pad_multiple, eval_order, get_split, load_newsgroups, open_hf, split_source
+from lorafit.data import (NEWSGROUPS, default_pad_multiple, eval_order, get_split, hold_out, load_newsgroups, open_hf,
+                          split_source)
 from lorafit.errors import LorafitError
 from lorafit.generate import fit_context, generate_ids, generate_text
 from lorafit.lm import (IGNORE, LMSplit, collate_lm, count_targets, encode_prompt_completion, has_chat_template,
@@ -100,8 +101,6 @@ def _check_newsgroups_lm_columns(cfg: DataConfig) -> None:
 def load_lm_data(cfg: DataConfig, seed: int) -> TaskData:
     """The recipe's splits as causal-LM examples (dicts with "text", or "prompt" and "completion", or
     "messages"; empty texts dropped), with the eval hold-out."""
-    from sklearn.model_selection import train_test_split
-
     fmt = lm_format(cfg)
     _check_newsgroups_lm_columns(cfg)
     rows = _lm_rows(cfg)
@@ -110,9 +109,8 @@ def load_lm_data(cfg: DataConfig, seed: int) -> TaskData:
     if cfg.eval_split:
         eval_ = examples(cfg.eval_split)
     else:
-        if len(train) < 2:
-            raise LorafitError("data: too few training examples to hold out an eval split; set data.eval_split")
-        train, eval_ = train_test_split(train, test_size=cfg.eval_fraction, random_state=seed)
+        keep, held = hold_out(len(train), cfg.eval_fraction, seed)
+        train, eval_ = [train[i] for i in keep], [train[i] for i in held]
     test = examples(cfg.test_split) if cfg.test_split else None
     if cfg.max_train_samples:
         train = train[: cfg.max_train_samples]

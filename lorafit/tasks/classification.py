@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
-from lorafit.data import (NEWSGROUPS, TextSplit, default_pad_multiple, eval_order, get_split, load_newsgroups,
-                          open_hf, padded_width, split_source)
+from lorafit.data import (NEWSGROUPS, TextSplit, default_pad_multiple, eval_order, get_split, hold_out,
+                          load_newsgroups, open_hf, padded_width, split_source)
 from lorafit.distributed import merge_rows
 from lorafit.errors import LorafitError
 from lorafit.recipe import DataConfig
@@ -80,21 +80,6 @@ def _check_texts(split: TextSplit, name: str, source: str) -> None:
         raise LorafitError(f"data: split {name!r} has no text: data.text_column is empty in every row of {source}")
 
 
-def hold_out(split: TextSplit, fraction: float, seed: int) -> tuple[TextSplit, TextSplit]:
-    """Split off `fraction` of `split`, stratified by label where every class has two examples."""
-    from sklearn.model_selection import train_test_split
-
-    indices = list(range(len(split.texts)))
-    if len(indices) < 2:
-        raise LorafitError("data: too few training examples to hold out an eval split; set data.eval_split")
-    try:
-        keep, held = train_test_split(indices, test_size=fraction, random_state=seed, stratify=split.labels)
-    except ValueError:
-        keep, held = train_test_split(indices, test_size=fraction, random_state=seed)
-    pick = lambda idx: TextSplit([split.texts[i] for i in idx], [split.labels[i] for i in idx])  # noqa: E731
-    return pick(keep), pick(held)
-
-
 def load_classification_data(cfg: DataConfig, seed: int) -> TaskData:
     """Load the recipe's splits; labels become ids in `labels` order, known to the train split."""
     splits, names = load_newsgroups(cfg) if cfg.path == NEWSGROUPS else _load_hf(cfg)
@@ -103,7 +88,8 @@ def load_classification_data(cfg: DataConfig, seed: int) -> TaskData:
     if cfg.eval_split:
         eval_ = splits[cfg.eval_split]
     else:
-        train, eval_ = hold_out(train, cfg.eval_fraction, seed)
+        keep, held = hold_out(len(train.texts), cfg.eval_fraction, seed, stratify=train.labels)
+        train, eval_ = train.pick(keep), train.pick(held)
     test = splits.get(cfg.test_split) if cfg.test_split else None
     if cfg.max_train_samples:
         train = TextSplit(train.texts[: cfg.max_train_samples], train.labels[: cfg.max_train_samples])
@@ -386,15 +372,11 @@ class SequenceClassification(Task):
         return predict_texts(trained, texts, console)
 
     def predictions_table(self, rows: list[dict], top_k: int = 3):
-        from rich.table import Table
+        """The predicted label and its probability, and the `top_k` labels with theirs."""
+        from lorafit.report import predictions_table
 
-        table = Table()
-        for column in ("#", "text", "label", "probability", f"top {top_k}"):
-            table.add_column(column, justify="right" if column in ("#", "probability") else "left",
-                             overflow="fold" if column == "text" else "ellipsis")
-        for i, row in enumerate(rows, start=1):
+        def cells(row: dict) -> list[str]:
             ranked = sorted(row["probs"].items(), key=lambda item: -item[1])[:top_k]
-            text = row["text"] if len(row["text"]) <= 80 else row["text"][:77] + "..."
-            table.add_row(str(i), text, row["label"], f"{row['score']:.4f}",
-                          ", ".join(f"{name} {p:.3f}" for name, p in ranked))
-        return table
+            return [row["label"], f"{row['score']:.4f}", ", ".join(f"{name} {p:.3f}" for name, p in ranked)]
+
+        return predictions_table(rows, {"label": {}, "probability": {"justify": "right"}, f"top {top_k}": {}}, cells)

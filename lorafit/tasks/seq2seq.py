@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
-from lorafit.data import eval_order, get_split, open_hf, padded_width, split_source
+from lorafit.data import eval_order, get_split, hold_out, open_hf, padded_width, split_source
 from lorafit.errors import LorafitError
-from lorafit.fast import LogitTransform, head_cross_entropy, probe_failed
-from lorafit.lm import IGNORE, LogitSwap, logit_transforms, probed_once
+from lorafit.fast import LogitTransform, head_cross_entropy
+from lorafit.lm import IGNORE, logit_transforms, probed_once, run_head_probe
 from lorafit.tasks.base import Task, TaskData
 
 TRANSLATION_COLUMN = "translation"  # the column of hub translation datasets: {language: text}
@@ -223,41 +223,32 @@ def probe_loss_path(model) -> Seq2SeqLossPath:
     logits (not a loss with extra terms, such as a mixture of experts' router losses). Otherwise
     the loss comes from the model's forward. Autocast is off; the global RNG is untouched.
     """
-    head = model.get_output_embeddings()
-    if head is None:
-        return _fallback("no output embedding")
-    generator = torch.Generator().manual_seed(0)
-    swap = LogitSwap(generator)
-    seen, replaced = swap.seen, swap.replaced
     decoder_ids: list[torch.Tensor] = []
 
     def record_decoder_ids(module, args, kwargs):
         decoder_ids.append(kwargs.get("input_ids", args[0] if args else None))
 
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        vocab, source_vocab = head.weight.shape[0], model.get_input_embeddings().num_embeddings
-        input_ids = torch.randint(0, source_vocab, (2, 6), generator=generator).to(device)
+    def run(generator: torch.Generator, device: torch.device):
+        vocab = model.get_output_embeddings().weight.shape[0]
+        input_ids = torch.randint(0, model.get_input_embeddings().num_embeddings, (2, 6), generator=generator)
+        input_ids = input_ids.to(device)
         attention_mask = torch.ones_like(input_ids)
         attention_mask[1, 4:] = 0  # a shorter source, padded
         labels = torch.randint(0, vocab, (2, 5), generator=generator).to(device)
         labels[1, 3:] = IGNORE  # a shorter target, padded
-        with torch.autocast(device.type, enabled=False):
-            hooks = [model.get_decoder().register_forward_pre_hook(record_decoder_ids, with_kwargs=True),
-                     head.register_forward_hook(swap)]
-            try:
-                out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            expected_ids = decoder_inputs(model, labels)
-            hidden = decoder_hidden(model, input_ids, attention_mask, labels)
-    except Exception as err:  # whatever the model, training goes on, by its own forward
-        return _fallback(f"the {probe_failed(err)}")
-    finally:
-        model.train(was_training)
+        hook = model.get_decoder().register_forward_pre_hook(record_decoder_ids, with_kwargs=True)
+        try:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=False)
+        finally:
+            hook.remove()
+        expected_ids = decoder_inputs(model, labels)
+        return vocab, labels, out, expected_ids, decoder_hidden(model, input_ids, attention_mask, labels)
+
+    probed = run_head_probe(model, run)
+    if isinstance(probed, str):
+        return _fallback(probed)
+    swap, (vocab, labels, out, expected_ids, hidden) = probed
+    seen, replaced = swap.seen, swap.replaced
     if len(decoder_ids) != 1 or not torch.equal(decoder_ids[0], expected_ids):
         return _fallback("its decoder does not read the labels shifted right as its inputs")
     if len(seen) != 1:
@@ -416,16 +407,13 @@ class Seq2Seq(Task):
     def load_data(self, cfg, seed: int) -> TaskData:
         """The recipe's splits as source/target pairs; without an eval split, `eval_fraction` of
         train held out (seeded); `max_train_samples` and `max_eval_samples` cut them."""
-        from sklearn.model_selection import train_test_split
-
         pairs = read_pairs(cfg, [s for s in (cfg.train_split, cfg.eval_split, cfg.test_split) if s])
         train = pairs[cfg.train_split]
         if cfg.eval_split:
             eval_ = pairs[cfg.eval_split]
         else:
-            if len(train) < 2:
-                raise LorafitError("data: too few training examples to hold out an eval split; set data.eval_split")
-            train, eval_ = train_test_split(train, test_size=cfg.eval_fraction, random_state=seed)
+            keep, held = hold_out(len(train), cfg.eval_fraction, seed)
+            train, eval_ = [train[i] for i in keep], [train[i] for i in held]
         test = pairs[cfg.test_split] if cfg.test_split else None
         if cfg.max_train_samples:
             train = train[:cfg.max_train_samples]

@@ -463,7 +463,7 @@ class TokenClassification(Task):
         """Train, eval (held out of train, seeded, without `data.eval_split`) and test sentences, tags as
         ids into the train split's tag names (or its ClassLabel's); tags of other splits unseen in
         training are an error."""
-        from sklearn.model_selection import train_test_split
+        from lorafit.data import hold_out
 
         wanted = list(dict.fromkeys(s for s in (cfg.train_split, cfg.eval_split, cfg.test_split) if s))
         raw = read_splits(cfg, wanted)
@@ -474,9 +474,7 @@ class TokenClassification(Task):
         if cfg.eval_split:
             eval_ = encode(cfg.eval_split)
         else:
-            if len(train) < 2:
-                raise LorafitError("data: too few training sentences to hold out an eval split; set data.eval_split")
-            keep, held = train_test_split(list(range(len(train))), test_size=cfg.eval_fraction, random_state=seed)
+            keep, held = hold_out(len(train), cfg.eval_fraction, seed)
             train, eval_ = train.pick(keep), train.pick(held)
         test = encode(cfg.test_split) if cfg.test_split else None
         train = train.head(cfg.max_train_samples)
@@ -600,13 +598,10 @@ class TokenClassification(Task):
         return rows
 
     def predictions_table(self, rows: list[dict]):
-        from rich.table import Table
+        """Each text's entities: text, type and character span."""
+        from lorafit.report import predictions_table
 
-        table = Table()
-        for column in ("#", "text", "entities"):
-            table.add_column(column, justify="right" if column == "#" else "left", overflow="fold")
-        for i, row in enumerate(rows, start=1):
-            text = row["text"] if len(row["text"]) <= 80 else row["text"][:77] + "..."
-            table.add_row(str(i), text, "; ".join(f"{e['text']!r} {e['type']} [{e['start']}:{e['end']}]"
-                                                  for e in row["entities"]) or "-")
-        return table
+        def cells(row: dict) -> list[str]:
+            return ["; ".join(f"{e['text']!r} {e['type']} [{e['start']}:{e['end']}]" for e in row["entities"]) or "-"]
+
+        return predictions_table(rows, {"entities": {"overflow": "fold"}}, cells)
