@@ -122,6 +122,16 @@ def probe(reference: Callable, candidate: Callable, inputs: list[torch.Tensor], 
     return max(relative_difference(got, expected) for expected, got in zip(*results))
 
 
+def probe_labels(model: nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """What a model-level probe passes beside `probe_batch`'s ids for the forward to run as in
+    training: a seq2seq LM (T5, Marian, a warm-started EncoderDecoderModel) makes its decoder inputs
+    from labels only, so it gets the ids less the last (a target shorter than the source, as
+    translations have, gives cross-attention scores that are not square); other models nothing
+    (BART's and T5's classifiers make decoder inputs from the input ids)."""
+    seq2seq_lm = model.config.is_encoder_decoder and model.can_generate()
+    return {"labels": ids[:, :-1].contiguous()} if seq2seq_lm else {}
+
+
 def probe_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """Random token ids (2, 6) for a model-level probe, and an attention mask whose second row ends
     in two pad positions (a third of its tokens). Each row's last real token is the model's EOS and
@@ -233,10 +243,8 @@ def dropout_attention(module, query, key, value, attention_mask, dropout: float,
 
 def _attention_calls(model: nn.Module) -> list[tuple]:
     """(module, query, key, value, attention_mask, kwargs) of every attention-function call the model
-    makes in training mode on a probe batch, with a padding mask and without one. A seq2seq LM gets the
-    probe ids less the last as labels, from which its forward makes its decoder inputs as in training;
-    other encoder-decoders (BART's and T5's classifiers) make them from the input ids. The model is
-    back on SDPA afterwards."""
+    makes in training mode on a probe batch (with `probe_labels`), with a padding mask and without one.
+    The model is back on SDPA afterwards."""
     functions, masks = attention_registries()
     sdpa, calls = functions["sdpa"], []
 
@@ -250,10 +258,7 @@ def _attention_calls(model: nn.Module) -> list[tuple]:
         model.set_attn_implementation(ATTENTION)
         model.train()  # so that the calls pass their dropout rates
         ids, mask = probe_batch(model)
-        # T5's and Marian's forwards make decoder inputs from labels only. A target shorter than the
-        # source, as translations have, gives cross-attention scores that are not square.
-        seq2seq_lm = model.config.is_encoder_decoder and model.can_generate()
-        labels = {"labels": ids[:, :-1].contiguous()} if seq2seq_lm else {}
+        labels = probe_labels(model, ids)
         with torch.no_grad():
             model(input_ids=ids, attention_mask=mask, **labels)
             model(input_ids=ids, **labels)  # causal or full attention without a mask

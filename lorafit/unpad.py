@@ -25,7 +25,8 @@ from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from lorafit.fast import ROUNDING, SpeedUp, probe, probe_batch, probe_failed, probing, trainable_parameters
+from lorafit.fast import (ROUNDING, SpeedUp, probe, probe_batch, probe_failed, probe_labels, probing,
+                          trainable_parameters)
 
 # Below this fraction of pad tokens in a batch, the padded forward is used: the gathers and
 # scatters around attention would cost more than the skipped work saves.
@@ -125,7 +126,7 @@ def _encoder_mismatch(model: nn.Module, encoder: nn.Module) -> str | None:
     try:
         ids, mask = probe_batch(model)
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask)
+            model(input_ids=ids, attention_mask=mask, **probe_labels(model, ids))
     except Exception as error:  # a model this probe cannot drive keeps its encoder
         return probe_failed(error)
     finally:

@@ -78,6 +78,54 @@ def test_unpadded_encoder_gives_the_same_logits_and_gradients(fast_attention, ki
         torch.testing.assert_close(unpadded_grads[name], grads[name], rtol=1e-4, atol=1e-6)
 
 
+def bert2bert():
+    """A tiny BERT encoder-decoder (what scripts/minilm_bert2bert.py builds from MiniLM), LoRA on its
+    query/value projections with nonzero B, so that the factors get gradients."""
+    from transformers import EncoderDecoderConfig, EncoderDecoderModel
+
+    torch.manual_seed(0)
+    encoder, decoder = tiny_config("bert"), tiny_config("bert")
+    decoder.update({"is_decoder": True, "add_cross_attention": True})
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.update({"decoder_start_token_id": 1, "pad_token_id": 0})
+    model = EncoderDecoderModel(config=config)
+    add_lora(model, 4, 8, ["query", "value"], dropout=0.0)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    return model
+
+
+def test_unpadded_encoder_in_a_seq2seq_lm_keeps_its_loss_and_gradients(monkeypatch):
+    """The probe drives an encoder-decoder as training does (labels make the decoder's inputs), so a
+    BERT2BERT model's encoder runs unpadded, with the loss and gradients of its own forward."""
+    import lorafit.unpad as unpad
+
+    ids, mask = padded_batch()
+    labels = torch.randint(5, 20, (4, 6))
+    layers_run, unpadded_layer = [], unpad._unpadded_layer
+    monkeypatch.setattr(unpad, "_unpadded_layer", lambda *args: layers_run.append(1) or unpadded_layer(*args))
+    results = []
+    for unpadded in (False, True):
+        model = bert2bert()
+        if unpadded:
+            assert use_unpadded_encoder(model).patched == ["encoder.encoder"]
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        layers_run.clear()
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        assert len(layers_run) == (2 if unpadded else 0)  # the encoder's layers; the decoder keeps its own
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (loss, grads), (unpadded_loss, unpadded_grads) = results
+    torch.testing.assert_close(unpadded_loss, loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == unpadded_grads.keys() and any("encoder.encoder" in n for n in grads)
+    for name in grads:
+        torch.testing.assert_close(unpadded_grads[name], grads[name], rtol=1e-4, atol=1e-6)
+
+
 def test_unpadded_encoder_zeroes_pad_positions_and_keeps_real_ones():
     from transformers import AutoModel
 
