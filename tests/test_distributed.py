@@ -7,11 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import toy_recipe, write_recipe
+from conftest import Job, run_job, toy_recipe, write_recipe
 
 from lorafit.distributed import (SINGLE, World, check_strategy, eval_share, merge_rows, rank_batches, rank_share,
                                  repeated_blocks, world_from_env)
@@ -21,15 +22,22 @@ SCRIPTS = Path(__file__).parent / "distributed"
 REPO = Path(__file__).parent.parent
 
 
+def torchrun_command(script: str, *args: str, nproc: int = 2) -> list[str]:
+    """tests/distributed/SCRIPT as `torchrun --standalone --nproc-per-node NPROC` workers."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            str(SCRIPTS / script), *args]
+
+
+def torchrun_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run tests/distributed/SCRIPT as `torchrun --standalone --nproc-per-node NPROC` workers.
+    """Run tests/distributed/SCRIPT as `torchrun --standalone --nproc-per-node NPROC` workers (a `Job`).
 
     `timeout` only catches a hang: a run takes about 6 s on an idle 2-core machine, and took more than
     60 s in CI beside the other test pass and a training job (its two ranks and imports share two cores)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                           str(SCRIPTS / script), *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=REPO)
+    return run_job(torchrun_command(script, *args, nproc=nproc), torchrun_env(), timeout, cwd=REPO)
 
 
 def read_ranks(directory: Path, nproc: int = 2) -> list[dict]:
@@ -203,3 +211,24 @@ def test_sharing_ranks_give_the_gradients_of_one_process(tmp_path, strategy, mic
             assert seen["fsdp_units"] == ["", "model.model.layers.0", "model.model.layers.1"]
             assert {"model.layers.0.self_attn.q_proj.base.weight",
                     "model.layers.1.mlp.down_proj.lora_B.weight"} <= set(seen["sharded"])
+
+
+def test_a_hung_job_is_killed_whole_at_its_timeout(tmp_path):
+    """A job that hangs past its timeout is killed with every rank (torchrun starts each in a session
+    of its own, out of reach of the launcher's process group), and the test fails with its output."""
+    job = Job(torchrun_command("collectives.py", str(tmp_path), "hang"), torchrun_env(), cwd=REPO,
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pid_files = [tmp_path / f"rank-{r}.pid" for r in range(2)]
+    deadline = time.monotonic() + 120
+    while not all(f.exists() for f in pid_files):  # both ranks started, and hang
+        if job.poll() is not None or time.monotonic() > deadline:
+            job.kill_all()
+            pytest.fail(f"the ranks did not start: {job.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    ranks = [int(f.read_text()) for f in pid_files]
+    assert len(job.processes()) >= 3  # the launcher and its two ranks
+    with pytest.raises(pytest.fail.Exception, match=r"collectives.py .* hang timed out after 0.5 s; killed its "):
+        job.finish(timeout=0.5)
+    for pid in [job.pid, *ranks]:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
+    assert job.processes() == []

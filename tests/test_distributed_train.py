@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, lm_recipe, read_metrics, toy_recipe, write_jsonl, write_recipe
+from conftest import WORDS, Job, lm_recipe, read_metrics, run_job, toy_recipe, write_jsonl, write_recipe
 from safetensors.torch import load_file
 
 from lorafit.checkpoint import STATE_FILE, list_checkpoints
@@ -38,7 +38,7 @@ def lorafit_train(recipe: Path, *args: str, nproc: int | None = None, launcher: 
         command[1:2] = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m"]
     elif nproc:
         command += ["--nproc", str(nproc)]
-    return subprocess.run(command, capture_output=True, text=True, env=lorafit_env(), timeout=180, cwd=REPO)
+    return run_job(command, lorafit_env(), timeout=180, cwd=REPO)
 
 
 def lm_rows(n: int, seed: int) -> list[dict]:
@@ -121,16 +121,18 @@ def worker_pids(launcher_pid: int) -> dict[int, int]:
     return workers
 
 
-def start_ddp_run(recipe: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                             "-m", "lorafit", "train", str(recipe), *args], env=lorafit_env(), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_ddp_run(recipe: Path, *args: str) -> Job:
+    return Job([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "lorafit",
+                "train", str(recipe), *args], lorafit_env(), cwd=REPO, stdout=subprocess.DEVNULL,
+               stderr=subprocess.PIPE, text=True)
 
 
-def wait_for_checkpoint(proc: subprocess.Popen, out: Path, step: int) -> None:
+def wait_for_checkpoint(job: Job, out: Path, step: int) -> None:
     deadline = time.monotonic() + 120
     while not (out / "checkpoints" / f"step-{step}").is_dir():
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before its checkpoint"
+        if job.poll() is not None or time.monotonic() > deadline:
+            job.kill_all()
+            pytest.fail(f"the run ended or hung before its checkpoint at step {step}: {job.communicate()[1][-3000:]}")
         time.sleep(0.01)
 
 
@@ -146,12 +148,12 @@ def ddp_reference(tiny_models, toy_data, tmp_path_factory) -> Path:
 def test_a_killed_rank_stops_the_job_and_resume_finishes_it(ddp_reference, tiny_models, toy_data, tmp_path):
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", resume_recipe(tiny_models, toy_data, out))
-    proc = start_ddp_run(recipe)
-    wait_for_checkpoint(proc, out, 4)
-    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    job = start_ddp_run(recipe)
+    wait_for_checkpoint(job, out, 4)
+    os.kill(worker_pids(job.pid)[1], signal.SIGKILL)
     killed = time.monotonic()
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0, stderr[-2000:]
+    stderr = job.finish(timeout=120).stderr
+    assert job.returncode != 0, stderr[-2000:]
     assert time.monotonic() - killed < 60  # rank 0 is stopped, not left waiting for ever
     assert not (out / "adapter").exists()
     last = list_checkpoints(out)[-1]  # the newest complete checkpoint is readable
@@ -176,12 +178,12 @@ def test_sigterm_checkpoints_and_every_rank_exits(target, tiny_models, toy_data,
     stop after the same step, rank 0 writes its checkpoint, and all exit."""
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", resume_recipe(tiny_models, toy_data, out))
-    proc = start_ddp_run(recipe)
-    wait_for_checkpoint(proc, out, 2)
-    workers = worker_pids(proc.pid)
-    os.kill(proc.pid if target == "launcher" else workers[1], signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode != 0
+    job = start_ddp_run(recipe)
+    wait_for_checkpoint(job, out, 2)
+    workers = worker_pids(job.pid)
+    os.kill(job.pid if target == "launcher" else workers[1], signal.SIGTERM)
+    stderr = job.finish(timeout=120).stderr
+    assert job.returncode != 0
     message = " ".join(stderr.split())
     stopped_at = max(m["step"] for m in read_metrics(out) if "split" not in m)
     assert f"interrupted by signal 15 after step {stopped_at}" in message
@@ -201,10 +203,10 @@ def test_fsdp_stopped_and_resumed_equals_the_uninterrupted_run(tiny_models, toy_
     done = lorafit_train(runs["reference"], nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "run"
-    proc = start_ddp_run(runs["run"])
-    wait_for_checkpoint(proc, out, 4)
-    os.kill(worker_pids(proc.pid)[1], signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
+    job = start_ddp_run(runs["run"])
+    wait_for_checkpoint(job, out, 4)
+    os.kill(worker_pids(job.pid)[1], signal.SIGTERM)
+    stderr = job.finish(timeout=120).stderr
     assert "interrupted by signal 15" in stderr
     assert max(m["step"] for m in read_metrics(out) if "split" not in m) < 12
     resumed = lorafit_train(runs["run"], "--resume", nproc=2)

@@ -1,13 +1,16 @@
 """Run under `torchrun --nproc-per-node 2`: exercises lorafit.distributed's collectives and writes
 what each rank saw to OUT_DIR/rank-<r>.json (tests/test_distributed.py asserts on it).
 
-Usage: collectives.py OUT_DIR [timeout]
+Usage: collectives.py OUT_DIR [timeout|hang]
   (no mode)  every collective, with the process group's timeout at 30 s;
-  timeout    rank 1 never joins rank 0's all-reduce; rank 0 records how long it waited (timeout 3 s).
+  timeout    rank 1 never joins rank 0's all-reduce; rank 0 records how long it waited (timeout 3 s);
+  hang       each rank writes its pid to OUT_DIR/rank-<r>.pid, then both hang (rank 0 in an all-reduce that
+             rank 1, asleep, never joins; timeout 10 minutes) for the test harness to kill.
 """
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -55,8 +58,14 @@ def main() -> None:
     out, mode = Path(sys.argv[1]), (sys.argv[2] if len(sys.argv) > 2 else "all")
     world = world_from_env()
     device = rank_device(world, "cpu")
-    start_process_group(world, device, timeout_s=3 if mode == "timeout" else 30)
+    start_process_group(world, device, timeout_s={"timeout": 3, "hang": 600}.get(mode, 30))
     try:
+        if mode == "hang":
+            (out / f"rank-{world.rank}.pid").write_text(str(os.getpid()))
+            if world.rank == 0:
+                sum_over_ranks([1.0], device)
+            time.sleep(600)
+            return
         if mode == "timeout":
             seen = {"rank": world.rank}
             if world.rank == 0:
