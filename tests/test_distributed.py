@@ -181,22 +181,21 @@ def test_main_runs_alone_and_its_failure_reaches_everyone(two_ranks):
                                                "ValueError: disk full")
 
 
-def test_a_hung_rank_times_out(tmp_path):
-    done = torchrun("collectives.py", str(tmp_path), "timeout")
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp-loss")
+    done = torchrun("ddp_loss.py", str(out), "ddp-1", "ddp-2", "fsdp-2")
     assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads((tmp_path / "rank-0.json").read_text())
-    assert seen["error"] is not None
-    assert seen["waited_s"] < 10  # the process group's timeout is 3 s; without one it would wait for ever
+    return read_ranks(out)
 
 
 @pytest.mark.parametrize("strategy,micro_batches", [("ddp", 1), ("ddp", 2), ("fsdp", 2)])
-def test_sharing_ranks_give_the_gradients_of_one_process(tmp_path, strategy, micro_batches):
+def test_sharing_ranks_give_the_gradients_of_one_process(one_step, strategy, micro_batches):
     """Causal LM on its chunked-head loss path: 2 ranks × half of each micro-batch give the gradients
     of one process on all of it, with or without accumulation (no gradient sync on all but the last);
     the adapter gathered from the ranks is the one process's, with no empty tensor."""
-    done = torchrun("ddp_loss.py", str(tmp_path), str(micro_batches), strategy)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for seen in read_ranks(tmp_path):
+    for rank in one_step:
+        seen = rank[f"{strategy}-{micro_batches}"]
         assert seen["chunked_loss"]  # the fast path runs, inside the wrapper's forward
         assert seen["targets"][0] == seen["targets"][1]  # the global count, on every rank
         assert seen["max_grad"] > 1e-3
@@ -213,21 +212,27 @@ def test_sharing_ranks_give_the_gradients_of_one_process(tmp_path, strategy, mic
                     "model.layers.1.mlp.down_proj.lora_B.weight"} <= set(seen["sharded"])
 
 
-def test_a_hung_job_is_killed_whole_at_its_timeout(tmp_path):
-    """A job that hangs past its timeout is killed with every rank (torchrun starts each in a session
-    of its own, out of reach of the launcher's process group), and the test fails with its output."""
-    job = Job(torchrun_command("collectives.py", str(tmp_path), "hang"), torchrun_env(), cwd=REPO,
+def test_a_hung_rank_times_out_and_the_hung_job_is_killed_whole(tmp_path):
+    """Rank 1 never joins rank 0's all-reduce: rank 0 fails after the process group's timeout (3 s)
+    instead of waiting for ever. Then both ranks hang: at its timeout the test harness (`Job`) kills
+    the job whole, the ranks too (torchrun starts each in a session of its own, out of reach of the
+    launcher's process group), and fails the test with the job's output."""
+    job = Job(torchrun_command("collectives.py", str(tmp_path), "timeout"), torchrun_env(), cwd=REPO,
               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    pid_files = [tmp_path / f"rank-{r}.pid" for r in range(2)]
+    written = [tmp_path / name for name in ("rank-0.pid", "rank-1.pid", "rank-0.json")]
     deadline = time.monotonic() + 120
-    while not all(f.exists() for f in pid_files):  # both ranks started, and hang
+    while not all(f.exists() for f in written):
         if job.poll() is not None or time.monotonic() > deadline:
             job.kill_all()
-            pytest.fail(f"the ranks did not start: {job.communicate()[1][-3000:]}")
+            pytest.fail(f"the ranks did not get to their hang: {job.communicate()[1][-3000:]}")
         time.sleep(0.05)
-    ranks = [int(f.read_text()) for f in pid_files]
-    assert len(job.processes()) >= 3  # the launcher and its two ranks
-    with pytest.raises(pytest.fail.Exception, match=r"collectives.py .* hang timed out after 0.5 s; killed its "):
+    seen = json.loads((tmp_path / "rank-0.json").read_text())
+    assert seen["error"] is not None
+    assert seen["waited_s"] < 10  # the process group's timeout is 3 s; without one it would wait for ever
+
+    ranks = [int((tmp_path / f"rank-{r}.pid").read_text()) for r in range(2)]
+    assert set(ranks) < set(job.processes())  # and the launcher
+    with pytest.raises(pytest.fail.Exception, match=r"collectives.py .* timeout timed out after 0.5 s; killed its "):
         job.finish(timeout=0.5)
     for pid in [job.pid, *ranks]:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
