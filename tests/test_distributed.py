@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import Job, run_job, toy_recipe, write_recipe
+from conftest import KEYWORDS, Job, run_job, toy_recipe, write_recipe
 
-from lorafit.distributed import (SINGLE, World, check_strategy, eval_share, merge_rows, rank_batches, rank_share,
-                                 repeated_blocks, world_from_env)
+from lorafit.distributed import (SINGLE, World, check_strategy, eval_share, merge_items, merge_rows, rank_batches,
+                                 rank_share, repeated_blocks, world_from_env)
 from lorafit.errors import LorafitError
 
 SCRIPTS = Path(__file__).parent / "distributed"
@@ -77,6 +77,83 @@ def test_merge_rows_refuses_gaps_and_overlaps():
         merge_rows([([2, 0], rows)], 3)
     with pytest.raises(RuntimeError, match="covered 0 examples never and 1 more than once"):
         merge_rows([([1, 0], rows), ([1], {"x": torch.tensor([5.0])})], 2)
+    assert merge_items([([2, 0], ["c", "a"]), ([1], [["b"]])], 3) == ["a", ["b"], "c"]
+    with pytest.raises(RuntimeError, match="covered 1 examples never and 1 more than once"):
+        merge_items([([2, 0], ["c", "a"]), ([2], ["b"])], 3)
+    with pytest.raises(RuntimeError, match="has 1 items for 2 examples"):
+        merge_items([([1, 0], ["b"])], 2)
+
+
+# ---------------------------------------------------------------- sharded evaluation, in one process
+
+
+def task_splits(tiny_models) -> dict:
+    """Per task: a tiny model, a tokenized split of 7 examples (no multiple of 2 or 3) and its pad id."""
+    import random
+
+    from conftest import WORDS, lm_tokenizer, make_tokenizer, tiny_lm, toy_rows
+    from test_seq2seq import make_tokenizer as s2s_tokenizer
+    from test_seq2seq import pairs, tiny_model
+    from test_token_classification import tiny_tagger, toy_sentences
+    from transformers import AutoModelForSequenceClassification
+
+    from lorafit.data import TextSplit
+    from lorafit.lm import tokenize_lm
+    from lorafit.recipe import DataConfig
+    from lorafit.tasks.classification import tokenize
+    from lorafit.tasks.seq2seq import Seq2Seq, score_split
+    from lorafit.tasks.token_classification import TaggedSentences, tokenize_sentences
+
+    rows = toy_rows(7, seed=5)
+    names = sorted(KEYWORDS)
+    classification = tokenize(TextSplit([r["text"] for r in rows], [names.index(r["label"]) for r in rows]),
+                              make_tokenizer(), 32)
+    rng = random.Random(5)
+    lm_examples = [{"prompt": " ".join(rng.choices(WORDS, k=rng.randint(1, 5))),
+                    "completion": " ".join(rng.choices(WORDS, k=rng.randint(1, 6)))} for _ in range(7)]
+    translations = [{"source": r["en"], "target": r["de"]} for r in pairs(7, seed=5)]
+    sentences = toy_sentences(7, seed=5)
+    tags = sorted({t for s in sentences for t in s["ner_tags"]})
+    tagged = TaggedSentences([s["tokens"] for s in sentences], [[tags.index(t) for t in s["ner_tags"]]
+                                                                 for s in sentences], tags)
+    translator = tiny_model("bart")
+    s2s = Seq2Seq().tokenize(translations, s2s_tokenizer(), DataConfig(cache=False, max_target_length=6), 8)
+    _, greedy = score_split(translator, s2s, 2, 0)
+    # Every other reference is the model's own translation: BLEU above 0, and it changes if one moves.
+    s2s.references = [g if i % 2 else r for i, (g, r) in enumerate(zip(greedy, s2s.references))]
+    return {
+        "sequence-classification": (AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"]),
+                                    classification, 0),
+        "causal-lm": (tiny_lm("llama"), tokenize_lm(lm_examples, lm_tokenizer(), 32, "prompt-completion"), 0),
+        "seq2seq": (translator, s2s, 0),
+        "token-classification": (tiny_tagger("bert", len(tags)), tokenize_sentences(tagged, make_tokenizer(), 32), 0),
+    }
+
+
+def test_sharded_evaluation_equals_the_whole_split(tiny_models):
+    """For every task, the shares of 2 or 3 ranks (`eval_share`), each evaluated alone, sent as
+    `gather_objects` sends them and reduced, give what `evaluate` gives on the whole split: loss (1e-6)
+    and every other metric (BLEU on all translations, seqeval on all sentences), on a split of 7."""
+    import io
+
+    from lorafit.tasks import get_task
+
+    def sent(share):  # through torch.save and a weights-only load, as gather_objects sends it
+        buffer = io.BytesIO()
+        torch.save(share, buffer)
+        return torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+
+    for name, (model, split, pad_id) in task_splits(tiny_models).items():
+        task = get_task(name)
+        whole = task.evaluate(model, split, 2, pad_id)
+        assert set(task.eval_metrics) <= set(whole), name
+        for size in (2, 3):
+            shares = [sent(task.evaluate_share(model, split, eval_share(split.lengths, World(rank=r, size=size)), 2,
+                                               pad_id)) for r in range(size)]
+            reduced = task.reduce_eval(split, shares)
+            assert reduced == pytest.approx(whole, rel=1e-6, abs=1e-6), (name, size)
+        if name == "seq2seq":
+            assert whole["bleu"] > 10
 
 
 # ---------------------------------------------------------------- bad input
