@@ -487,8 +487,8 @@ class Seq2Seq(Task):
 
     def reduce_eval(self, split: Seq2SeqSplit, shares: list[tuple]) -> dict[str, float]:
         translations = merge_items([(indices, texts) for _, _, indices, texts in shares], len(split))
-        return seq2seq_metrics(sum(share[0] for share in shares), sum(share[1] for share in shares), translations,
-                               split.references)
+        return seq2seq_metrics(sum(loss for loss, _, _, _ in shares), sum(tokens for _, tokens, _, _ in shares),
+                               translations, split.references)
 
     def probe_batch(self, tokenizer, max_length: int) -> dict[str, torch.Tensor]:
         """The merge probe texts as sources, and the same texts in reverse order as targets (labels,

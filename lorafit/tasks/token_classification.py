@@ -555,7 +555,8 @@ class TokenClassification(Task):
 
     def reduce_eval(self, split: TokenSplit, shares: list[tuple]) -> dict:
         tags = merge_items([(indices, share_tags) for indices, share_tags, _, _ in shares], len(split))
-        out = TagPredictions.from_sums(tags, sum(share[2] for share in shares), sum(share[3] for share in shares))
+        out = TagPredictions.from_sums(tags, sum(loss for _, _, loss, _ in shares),
+                                       sum(targets for _, _, _, targets in shares))
         return evaluation_metrics(split, out)
 
     # ------------------------------------------------------------ merge
