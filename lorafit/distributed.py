@@ -382,22 +382,41 @@ def evaluate_shared(task, model: torch.nn.Module, split, batch_size: int, pad_id
     return task.evaluate(model, split, batch_size, pad_id, device, autocast)
 
 
+def check_cover(shares: list[list[int]], n: int) -> None:
+    """Raise unless the shares' example indices cover the `n` examples of a split exactly once: an
+    example evaluated by no rank, or by two, would change the metrics."""
+    seen = torch.zeros(n, dtype=torch.long)
+    for indices in shares:
+        rows = torch.tensor(indices, dtype=torch.long)
+        seen.index_add_(0, rows, torch.ones_like(rows))
+    if not bool((seen == 1).all()):
+        raise RuntimeError(f"sharded evaluation covered {int((seen == 0).sum())} examples never and "
+                           f"{int((seen > 1).sum())} more than once")
+
+
 def merge_rows(parts: list[tuple[list[int], dict[str, torch.Tensor]]], n: int) -> dict[str, torch.Tensor]:
     """Per-example outputs of all ranks (`gather_objects` of each rank's `(indices, outputs)`, where
     `outputs[name]` holds one row per example of `indices`), as `n` rows in the split's order.
-
-    An example evaluated by no rank, or by two, is an error: it would change the metrics.
-    """
-    seen = torch.zeros(n, dtype=torch.long)
+    Shares that do not cover the split exactly once are an error (`check_cover`)."""
+    check_cover([indices for indices, _ in parts], n)
     merged: dict[str, torch.Tensor] = {}
     for indices, outputs in parts:
         rows = torch.tensor(indices, dtype=torch.long)
-        seen.index_add_(0, rows, torch.ones_like(rows))
         for name, values in outputs.items():
             if name not in merged:
                 merged[name] = values.new_zeros((n, *values.shape[1:]))
             merged[name][rows] = values.cpu()
-    if not bool((seen == 1).all()):
-        raise RuntimeError(f"sharded evaluation covered {int((seen == 0).sum())} examples never and "
-                           f"{int((seen > 1).sum())} more than once")
+    return merged
+
+
+def merge_items(parts: list[tuple[list[int], list[T]]], n: int) -> list[T]:
+    """`merge_rows` for per-example values that are not tensors (texts, lists of tags): each rank's
+    `(indices, items)`, one item per index, as `n` items in the split's order."""
+    check_cover([indices for indices, _ in parts], n)
+    merged: list[Any] = [None] * n
+    for indices, items in parts:
+        if len(items) != len(indices):
+            raise RuntimeError(f"a share of sharded evaluation has {len(items)} items for {len(indices)} examples")
+        for i, item in zip(indices, items):
+            merged[i] = item
     return merged

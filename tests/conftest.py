@@ -6,7 +6,12 @@ The toy task is learnable: each text is filler words plus two keywords that name
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
+import subprocess
+import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -198,6 +203,77 @@ def run_cli():
         return runner.invoke(app, normalize_args([str(a) for a in args]), catch_exceptions=False)
 
     return run
+
+
+# ---------------------------------------------------------------- processes that start torchrun ranks
+
+JOB_VARIABLE = "LORAFIT_TEST_JOB"
+
+
+class Job(subprocess.Popen):
+    """A command that starts torchrun's ranks (torchrun itself, or `lorafit train --nproc`), which
+    `kill_all` ends whole: the launcher and every process started under it.
+
+    The launcher gets a session of its own, but torchrun starts each rank in a new session too, and a
+    rank outlives a launcher killed alone (one sat in a futex for 35 minutes in CI). So every process
+    of the job carries `LORAFIT_TEST_JOB=<id>` in its environment (inherited from the launcher), and
+    `kill_all` ends each process that has it, wherever it sits in the process tree.
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str], **popen):
+        self.id = uuid.uuid4().hex
+        super().__init__(command, env={**env, JOB_VARIABLE: self.id}, start_new_session=True, **popen)
+
+    def processes(self) -> list[int]:
+        """The live processes of this job (a zombie's environment reads empty)."""
+        mark = f"{JOB_VARIABLE}={self.id}".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and mark in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:  # gone meanwhile, or another user's
+                continue
+        return pids
+
+    def kill_all(self) -> None:
+        """SIGKILL the launcher's process group and every process of the job, until none is left."""
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 30
+        while (pids := self.processes()) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.05)
+
+    def finish(self, timeout: float) -> subprocess.CompletedProcess:
+        """Wait for the job to end, collecting its output. If it runs past `timeout` seconds (a hang),
+        kill it whole and fail the test with its output; if the wait is interrupted, kill it too."""
+        try:
+            stdout, stderr = self.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            try:
+                stdout, stderr = self.communicate(timeout=30)
+            except subprocess.TimeoutExpired:  # a survivor holds the pipes: the test must not hang on it
+                stdout, stderr = "", "(no output: a process of the job survived, holding its output open)"
+            pytest.fail(f"{' '.join(map(str, self.args))} timed out after {timeout:g} s; killed its processes. "
+                        f"Its output:\n{(stdout or '')[-2000:]}\n{(stderr or '')[-4000:]}")
+        except BaseException:
+            self.kill_all()
+            raise
+        return subprocess.CompletedProcess(self.args, self.returncode, stdout, stderr)
+
+
+def run_job(command: list[str], env: dict[str, str], timeout: float = 180, **popen) -> subprocess.CompletedProcess:
+    """Run `command` as a `Job`, its output captured as text, failing the test if it hangs past `timeout`
+    (which should catch a hang only: two ranks with their imports take many seconds on a busy 2-core machine)."""
+    return Job(command, env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen).finish(timeout)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

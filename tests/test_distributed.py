@@ -7,29 +7,37 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import toy_recipe, write_recipe
+from conftest import KEYWORDS, Job, run_job, toy_recipe, write_recipe
 
-from lorafit.distributed import (SINGLE, World, check_strategy, eval_share, merge_rows, rank_batches, rank_share,
-                                 repeated_blocks, world_from_env)
+from lorafit.distributed import (SINGLE, World, check_strategy, eval_share, merge_items, merge_rows, rank_batches,
+                                 rank_share, repeated_blocks, world_from_env)
 from lorafit.errors import LorafitError
 
 SCRIPTS = Path(__file__).parent / "distributed"
 REPO = Path(__file__).parent.parent
 
 
+def torchrun_command(script: str, *args: str, nproc: int = 2) -> list[str]:
+    """tests/distributed/SCRIPT as `torchrun --standalone --nproc-per-node NPROC` workers."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            str(SCRIPTS / script), *args]
+
+
+def torchrun_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 180) -> subprocess.CompletedProcess:
-    """Run tests/distributed/SCRIPT as `torchrun --standalone --nproc-per-node NPROC` workers.
+    """Run tests/distributed/SCRIPT as `torchrun --standalone --nproc-per-node NPROC` workers (a `Job`).
 
     `timeout` only catches a hang: a run takes about 6 s on an idle 2-core machine, and took more than
     60 s in CI beside the other test pass and a training job (its two ranks and imports share two cores)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                           str(SCRIPTS / script), *args], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=REPO)
+    return run_job(torchrun_command(script, *args, nproc=nproc), torchrun_env(), timeout, cwd=REPO)
 
 
 def read_ranks(directory: Path, nproc: int = 2) -> list[dict]:
@@ -69,6 +77,83 @@ def test_merge_rows_refuses_gaps_and_overlaps():
         merge_rows([([2, 0], rows)], 3)
     with pytest.raises(RuntimeError, match="covered 0 examples never and 1 more than once"):
         merge_rows([([1, 0], rows), ([1], {"x": torch.tensor([5.0])})], 2)
+    assert merge_items([([2, 0], ["c", "a"]), ([1], [["b"]])], 3) == ["a", ["b"], "c"]
+    with pytest.raises(RuntimeError, match="covered 1 examples never and 1 more than once"):
+        merge_items([([2, 0], ["c", "a"]), ([2], ["b"])], 3)
+    with pytest.raises(RuntimeError, match="has 1 items for 2 examples"):
+        merge_items([([1, 0], ["b"])], 2)
+
+
+# ---------------------------------------------------------------- sharded evaluation, in one process
+
+
+def task_splits(tiny_models) -> dict:
+    """Per task: a tiny model, a tokenized split of 7 examples (no multiple of 2 or 3) and its pad id."""
+    import random
+
+    from conftest import WORDS, lm_tokenizer, make_tokenizer, tiny_lm, toy_rows
+    from test_seq2seq import make_tokenizer as s2s_tokenizer
+    from test_seq2seq import pairs, tiny_model
+    from test_token_classification import tiny_tagger, toy_sentences
+    from transformers import AutoModelForSequenceClassification
+
+    from lorafit.data import TextSplit
+    from lorafit.lm import tokenize_lm
+    from lorafit.recipe import DataConfig
+    from lorafit.tasks.classification import tokenize
+    from lorafit.tasks.seq2seq import Seq2Seq, score_split
+    from lorafit.tasks.token_classification import TaggedSentences, tokenize_sentences
+
+    rows = toy_rows(7, seed=5)
+    names = sorted(KEYWORDS)
+    classification = tokenize(TextSplit([r["text"] for r in rows], [names.index(r["label"]) for r in rows]),
+                              make_tokenizer(), 32)
+    rng = random.Random(5)
+    lm_examples = [{"prompt": " ".join(rng.choices(WORDS, k=rng.randint(1, 5))),
+                    "completion": " ".join(rng.choices(WORDS, k=rng.randint(1, 6)))} for _ in range(7)]
+    translations = [{"source": r["en"], "target": r["de"]} for r in pairs(7, seed=5)]
+    sentences = toy_sentences(7, seed=5)
+    tags = sorted({t for s in sentences for t in s["ner_tags"]})
+    tagged = TaggedSentences([s["tokens"] for s in sentences], [[tags.index(t) for t in s["ner_tags"]]
+                                                                 for s in sentences], tags)
+    translator = tiny_model("bart")
+    s2s = Seq2Seq().tokenize(translations, s2s_tokenizer(), DataConfig(cache=False, max_target_length=6), 8)
+    _, greedy = score_split(translator, s2s, 2, 0)
+    # Every other reference is the model's own translation: BLEU above 0, and it changes if one moves.
+    s2s.references = [g if i % 2 else r for i, (g, r) in enumerate(zip(greedy, s2s.references))]
+    return {
+        "sequence-classification": (AutoModelForSequenceClassification.from_pretrained(tiny_models["bert"]),
+                                    classification, 0),
+        "causal-lm": (tiny_lm("llama"), tokenize_lm(lm_examples, lm_tokenizer(), 32, "prompt-completion"), 0),
+        "seq2seq": (translator, s2s, 0),
+        "token-classification": (tiny_tagger("bert", len(tags)), tokenize_sentences(tagged, make_tokenizer(), 32), 0),
+    }
+
+
+def test_sharded_evaluation_equals_the_whole_split(tiny_models):
+    """For every task, the shares of 2 or 3 ranks (`eval_share`), each evaluated alone, sent as
+    `gather_objects` sends them and reduced, give what `evaluate` gives on the whole split: loss (1e-6)
+    and every other metric (BLEU on all translations, seqeval on all sentences), on a split of 7."""
+    import io
+
+    from lorafit.tasks import get_task
+
+    def sent(share):  # through torch.save and a weights-only load, as gather_objects sends it
+        buffer = io.BytesIO()
+        torch.save(share, buffer)
+        return torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)
+
+    for name, (model, split, pad_id) in task_splits(tiny_models).items():
+        task = get_task(name)
+        whole = task.evaluate(model, split, 2, pad_id)
+        assert set(task.eval_metrics) <= set(whole), name
+        for size in (2, 3):
+            shares = [sent(task.evaluate_share(model, split, eval_share(split.lengths, World(rank=r, size=size)), 2,
+                                               pad_id)) for r in range(size)]
+            reduced = task.reduce_eval(split, shares)
+            assert reduced == pytest.approx(whole, rel=1e-6, abs=1e-6), (name, size)
+        if name == "seq2seq":
+            assert whole["bleu"] > 10
 
 
 # ---------------------------------------------------------------- bad input
@@ -173,22 +258,21 @@ def test_main_runs_alone_and_its_failure_reaches_everyone(two_ranks):
                                                "ValueError: disk full")
 
 
-def test_a_hung_rank_times_out(tmp_path):
-    done = torchrun("collectives.py", str(tmp_path), "timeout")
+@pytest.fixture(scope="module")
+def one_step(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("ddp-loss")
+    done = torchrun("ddp_loss.py", str(out), "ddp-1", "ddp-2", "fsdp-2")
     assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads((tmp_path / "rank-0.json").read_text())
-    assert seen["error"] is not None
-    assert seen["waited_s"] < 10  # the process group's timeout is 3 s; without one it would wait for ever
+    return read_ranks(out)
 
 
 @pytest.mark.parametrize("strategy,micro_batches", [("ddp", 1), ("ddp", 2), ("fsdp", 2)])
-def test_sharing_ranks_give_the_gradients_of_one_process(tmp_path, strategy, micro_batches):
+def test_sharing_ranks_give_the_gradients_of_one_process(one_step, strategy, micro_batches):
     """Causal LM on its chunked-head loss path: 2 ranks × half of each micro-batch give the gradients
     of one process on all of it, with or without accumulation (no gradient sync on all but the last);
     the adapter gathered from the ranks is the one process's, with no empty tensor."""
-    done = torchrun("ddp_loss.py", str(tmp_path), str(micro_batches), strategy)
-    assert done.returncode == 0, done.stderr[-3000:]
-    for seen in read_ranks(tmp_path):
+    for rank in one_step:
+        seen = rank[f"{strategy}-{micro_batches}"]
         assert seen["chunked_loss"]  # the fast path runs, inside the wrapper's forward
         assert seen["targets"][0] == seen["targets"][1]  # the global count, on every rank
         assert seen["max_grad"] > 1e-3
@@ -203,3 +287,30 @@ def test_sharing_ranks_give_the_gradients_of_one_process(tmp_path, strategy, mic
             assert seen["fsdp_units"] == ["", "model.model.layers.0", "model.model.layers.1"]
             assert {"model.layers.0.self_attn.q_proj.base.weight",
                     "model.layers.1.mlp.down_proj.lora_B.weight"} <= set(seen["sharded"])
+
+
+def test_a_hung_rank_times_out_and_the_hung_job_is_killed_whole(tmp_path):
+    """Rank 1 never joins rank 0's all-reduce: rank 0 fails after the process group's timeout (3 s)
+    instead of waiting for ever. Then both ranks hang: at its timeout the test harness (`Job`) kills
+    the job whole, the ranks too (torchrun starts each in a session of its own, out of reach of the
+    launcher's process group), and fails the test with the job's output."""
+    job = Job(torchrun_command("collectives.py", str(tmp_path), "timeout"), torchrun_env(), cwd=REPO,
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    written = [tmp_path / name for name in ("rank-0.pid", "rank-1.pid", "rank-0.json")]
+    deadline = time.monotonic() + 120
+    while not all(f.exists() for f in written):
+        if job.poll() is not None or time.monotonic() > deadline:
+            job.kill_all()
+            pytest.fail(f"the ranks did not get to their hang: {job.communicate()[1][-3000:]}")
+        time.sleep(0.05)
+    seen = json.loads((tmp_path / "rank-0.json").read_text())
+    assert seen["error"] is not None
+    assert seen["waited_s"] < 10  # the process group's timeout is 3 s; without one it would wait for ever
+
+    ranks = [int((tmp_path / f"rank-{r}.pid").read_text()) for r in range(2)]
+    assert set(ranks) < set(job.processes())  # and the launcher
+    with pytest.raises(pytest.fail.Exception, match=r"collectives.py .* timeout timed out after 0.5 s; killed its "):
+        job.finish(timeout=0.5)
+    for pid in [job.pid, *ranks]:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text(), pid
+    assert job.processes() == []

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from lorafit.cache import cache_key, load_tokens, save_tokens, tokenizer_fingerprint
 from lorafit.data import eval_order, get_split, hold_out, open_hf, padded_width, split_source
+from lorafit.distributed import merge_items
 from lorafit.errors import LorafitError
 from lorafit.fast import LogitTransform, head_cross_entropy
 from lorafit.lm import IGNORE, logit_transforms, probed_once, run_head_probe
@@ -339,36 +340,51 @@ def corpus_scores(hypotheses: list[str], references: list[str]) -> dict[str, flo
 
 
 @torch.inference_mode()
-def score_split(model, split: Seq2SeqSplit, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
-                autocast: Callable = nullcontext, num_beams: int = 1,
-                on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, float], list[str]]:
-    """Loss and perplexity over the target tokens of `split`, and BLEU and chrF of the model's
-    translations (greedy, or beam search with `num_beams`, at most `split.max_target_length` new
-    tokens) against the references; also those translations, in the split's order. Batches are
-    length-sorted, as training's evaluation runs them."""
+def score_pairs(model, split: Seq2SeqSplit, indices: list[int], batch_size: int, pad_id: int,
+                device: torch.device | str = "cpu", autocast: Callable = nullcontext, num_beams: int = 1,
+                on_batch: Callable[[int], None] | None = None) -> tuple[float, int, list[str]]:
+    """The summed loss over the target tokens of the examples `indices` of `split`, how many tokens
+    that is, and the model's translations of them (greedy, or beam search with `num_beams`, at most
+    `split.max_target_length` new tokens), in `indices` order. Batches are length-sorted, as
+    training's evaluation runs them; `on_batch(n)` reports progress."""
     from lorafit.data import default_pad_multiple
 
     was_training = model.training
     model.eval()
     total_loss, total_targets = 0.0, 0
-    translations = [""] * len(split)
+    translations = [""] * len(indices)
     multiple, cap = default_pad_multiple(device), max(split.lengths, default=0)
-    for indices in eval_order(split.lengths, batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(split, indices, pad_id, multiple, cap).items()}
+    for rows in eval_order([split.lengths[i] for i in indices], batch_size):
+        chosen = [indices[r] for r in rows]
+        batch = {k: v.to(device) for k, v in collate_pairs(split, chosen, pad_id, multiple, cap).items()}
         with autocast():
             total_loss += seq2seq_loss(model, batch).item()
         total_targets += int((batch["labels"] != IGNORE).sum())
-        outputs = translate_ids(model, [split.input_ids[i] for i in indices], pad_id, split.max_target_length,
+        outputs = translate_ids(model, [split.input_ids[i] for i in chosen], pad_id, split.max_target_length,
                                 num_beams, device, autocast)
-        for i, ids in zip(indices, outputs):
-            translations[i] = split.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        for r, ids in zip(rows, outputs):
+            translations[r] = split.tokenizer.decode(ids, skip_special_tokens=True).strip()
         if on_batch:
-            on_batch(len(indices))
+            on_batch(len(rows))
     model.train(was_training)
+    return total_loss, total_targets, translations
+
+
+def seq2seq_metrics(total_loss: float, total_targets: int, translations: list[str],
+                    references: list[str]) -> dict[str, float]:
+    """Loss (per target token), perplexity, target tokens, and BLEU and chrF of `translations`."""
     loss = total_loss / max(total_targets, 1)
-    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total_targets,
-               **corpus_scores(translations, split.references)}
-    return metrics, translations
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": total_targets,
+            **corpus_scores(translations, references)}
+
+
+def score_split(model, split: Seq2SeqSplit, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
+                autocast: Callable = nullcontext, num_beams: int = 1,
+                on_batch: Callable[[int], None] | None = None) -> tuple[dict[str, float], list[str]]:
+    """`seq2seq_metrics` of the whole `split` (`score_pairs`), and the translations, in the split's order."""
+    total_loss, total_targets, translations = score_pairs(model, split, list(range(len(split))), batch_size, pad_id,
+                                                          device, autocast, num_beams, on_batch)
+    return seq2seq_metrics(total_loss, total_targets, translations, split.references), translations
 
 
 # ---------------------------------------------------------------- the task
@@ -448,6 +464,19 @@ class Seq2Seq(Task):
         split (which `data.max_eval_samples` bounds)."""
         metrics, _ = score_split(model, split, batch_size, pad_id, device, autocast, on_batch=on_batch)
         return metrics
+
+    def evaluate_share(self, model, split: Seq2SeqSplit, indices: list[int], batch_size: int, pad_id: int,
+                       device: torch.device | str = "cpu", autocast: Callable = nullcontext) -> tuple:
+        """The share's summed loss and target count, and its greedy translations with their indices
+        (sacrebleu's corpus scores need every translation of the split, not per-share scores)."""
+        total_loss, total_targets, translations = score_pairs(model, split, indices, batch_size, pad_id, device,
+                                                              autocast)
+        return total_loss, total_targets, indices, translations
+
+    def reduce_eval(self, split: Seq2SeqSplit, shares: list[tuple]) -> dict[str, float]:
+        translations = merge_items([(indices, texts) for _, _, indices, texts in shares], len(split))
+        return seq2seq_metrics(sum(loss for loss, _, _, _ in shares), sum(tokens for _, tokens, _, _ in shares),
+                               translations, split.references)
 
     def probe_batch(self, tokenizer, max_length: int) -> dict[str, torch.Tensor]:
         """The merge probe texts as sources, and the same texts in reverse order as targets (labels,

@@ -23,6 +23,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from lorafit.distributed import merge_items
 from lorafit.errors import LorafitError
 from lorafit.tasks.base import Task, TaskData
 
@@ -329,20 +330,29 @@ class TagPredictions:
     """Mean cross-entropy over the labelled tokens."""
     targets: int
 
+    @classmethod
+    def from_sums(cls, tags: list[list[int]], total_loss: float, targets: int) -> TagPredictions:
+        """From the loss summed over `targets` labelled tokens (`tag_sentences`)."""
+        return cls(tags, total_loss / max(targets, 1), targets)
+
 
 @torch.inference_mode()
-def predict_tags(model, split: TokenSplit, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
-                 autocast: Callable = nullcontext, on_batch: Callable[[int], None] | None = None) -> TagPredictions:
-    """Run `model` over `split` in length-sorted batches; each word's tag is the argmax at its first sub-word."""
+def tag_sentences(model, split: TokenSplit, indices: list[int], batch_size: int, pad_id: int,
+                  device: torch.device | str = "cpu", autocast: Callable = nullcontext,
+                  on_batch: Callable[[int], None] | None = None) -> tuple[list[list[int]], float, int]:
+    """Run `model` over the sentences `indices` of `split` in length-sorted batches. Returns, in `indices`
+    order, each sentence's tags (per word, the argmax at its first sub-word; -1 for a word without one),
+    and the cross-entropy summed over their labelled tokens, and how many those are."""
     from lorafit.data import default_pad_multiple, eval_order
 
     was_training = model.training
     model.eval()
-    predicted: list[list[int]] = [[] for _ in range(len(split))]
+    predicted: list[list[int]] = [[] for _ in indices]
     total, targets = 0.0, 0
     multiple, cap = default_pad_multiple(device), max(split.lengths, default=0)
-    for indices in eval_order(split.lengths, batch_size):
-        batch = {k: v.to(device) for k, v in collate_tokens(split, indices, pad_id, multiple, cap).items()}
+    for rows in eval_order([split.lengths[i] for i in indices], batch_size):
+        chosen = [indices[r] for r in rows]
+        batch = {k: v.to(device) for k, v in collate_tokens(split, chosen, pad_id, multiple, cap).items()}
         with autocast():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         logits = logits.float()
@@ -350,12 +360,20 @@ def predict_tags(model, split: TokenSplit, batch_size: int, pad_id: int, device:
                                  reduction="sum").item()
         targets += int((batch["labels"] != IGNORE).sum())
         best = logits.argmax(-1).cpu()
-        for row, i in enumerate(indices):
-            predicted[i] = [int(best[row, p]) if p >= 0 else -1 for p in split.first_tokens[i]]
+        for row, (r, i) in enumerate(zip(rows, chosen)):
+            predicted[r] = [int(best[row, p]) if p >= 0 else -1 for p in split.first_tokens[i]]
         if on_batch:
-            on_batch(len(indices))
+            on_batch(len(rows))
     model.train(was_training)
-    return TagPredictions(predicted, total / max(targets, 1), targets)
+    return predicted, total, targets
+
+
+def predict_tags(model, split: TokenSplit, batch_size: int, pad_id: int, device: torch.device | str = "cpu",
+                 autocast: Callable = nullcontext, on_batch: Callable[[int], None] | None = None) -> TagPredictions:
+    """`tag_sentences` over the whole `split`."""
+    every = list(range(len(split)))
+    return TagPredictions.from_sums(*tag_sentences(model, split, every, batch_size, pad_id, device, autocast,
+                                                   on_batch))
 
 
 # ---------------------------------------------------------------- scores
@@ -414,6 +432,13 @@ def split_metrics(split: TokenSplit, out: TagPredictions) -> dict:
     predicted = [as_names(tags, split.names) for tags in out.tags]
     return {"loss": out.loss, **scores(gold, predicted, split.scheme), "words": sum(len(t) for t in gold),
             "words_truncated": split.words_truncated}
+
+
+def evaluation_metrics(split: TokenSplit, out: TagPredictions) -> dict:
+    """What training logs for a split: `split_metrics` without the per-entity table."""
+    metrics = split_metrics(split, out)
+    metrics.pop("per_entity", None)
+    return metrics
 
 
 # ---------------------------------------------------------------- the task
@@ -517,9 +542,20 @@ class TokenClassification(Task):
                  autocast: Callable = nullcontext, on_batch: Callable[[int], None] | None = None) -> dict:
         """Loss, entity precision/recall/F1 (under the split's tag scheme), token accuracy, and the number
         of words scored and cut off by max_length."""
-        metrics = split_metrics(split, predict_tags(model, split, batch_size, pad_id, device, autocast, on_batch))
-        metrics.pop("per_entity", None)
-        return metrics
+        return evaluation_metrics(split, predict_tags(model, split, batch_size, pad_id, device, autocast, on_batch))
+
+    def evaluate_share(self, model, split: TokenSplit, indices: list[int], batch_size: int, pad_id: int,
+                       device: torch.device | str = "cpu", autocast: Callable = nullcontext) -> tuple:
+        """The share's sentence indices and predicted tags, and its summed loss and labelled tokens
+        (seqeval scores entities over the tags of every sentence of the split, not per share)."""
+        tags, total_loss, targets = tag_sentences(model, split, indices, batch_size, pad_id, device, autocast)
+        return indices, tags, total_loss, targets
+
+    def reduce_eval(self, split: TokenSplit, shares: list[tuple]) -> dict:
+        tags = merge_items([(indices, share_tags) for indices, share_tags, _, _ in shares], len(split))
+        out = TagPredictions.from_sums(tags, sum(loss for _, _, loss, _ in shares),
+                                       sum(targets for _, _, _, targets in shares))
+        return evaluation_metrics(split, out)
 
     # ------------------------------------------------------------ merge
 

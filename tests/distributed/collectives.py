@@ -3,11 +3,13 @@ what each rank saw to OUT_DIR/rank-<r>.json (tests/test_distributed.py asserts o
 
 Usage: collectives.py OUT_DIR [timeout]
   (no mode)  every collective, with the process group's timeout at 30 s;
-  timeout    rank 1 never joins rank 0's all-reduce; rank 0 records how long it waited (timeout 3 s).
+  timeout    each rank writes its pid to OUT_DIR/rank-<r>.pid; rank 1 never joins rank 0's all-reduce;
+             rank 0 records how long it waited (timeout 3 s); then both hang, for the test harness to kill.
 """
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -58,6 +60,7 @@ def main() -> None:
     start_process_group(world, device, timeout_s=3 if mode == "timeout" else 30)
     try:
         if mode == "timeout":
+            (out / f"rank-{world.rank}.pid").write_text(str(os.getpid()))
             seen = {"rank": world.rank}
             if world.rank == 0:
                 began = time.monotonic()
@@ -67,10 +70,11 @@ def main() -> None:
                 except Exception as err:  # noqa: BLE001 - the test reads what was raised
                     seen["error"] = type(err).__name__
                 seen["waited_s"] = time.monotonic() - began
-            else:
-                time.sleep(12)  # alive but absent from the collective: a hung rank
-        else:
-            seen = collectives(world, device)
+                (out / "rank-0.part").write_text(json.dumps(seen))
+                (out / "rank-0.part").rename(out / "rank-0.json")  # whole when the test sees it
+            time.sleep(600)  # alive but absent from any collective: a hung rank
+            return
+        seen = collectives(world, device)
         (out / f"rank-{world.rank}.json").write_text(json.dumps(seen))
     finally:
         if mode != "timeout":

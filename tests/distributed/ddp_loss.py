@@ -1,9 +1,10 @@
 """Run under `torchrun --nproc-per-node 2`: one optimizer step's gradients under DDP or FSDP2, each
 rank with half of every micro-batch and the loss over the global count of targets, against one
 process with the whole batch; and the adapter tensors gathered from the ranks. Writes
-OUT_DIR/rank-<r>.json (tests/test_distributed.py asserts on it).
+OUT_DIR/rank-<r>.json, {"STRATEGY-MICRO_BATCHES": what the rank saw} for each setting
+(tests/test_distributed.py asserts on it).
 
-Usage: ddp_loss.py OUT_DIR MICRO_BATCHES [ddp|fsdp]
+Usage: ddp_loss.py OUT_DIR STRATEGY-MICRO_BATCHES...   (e.g. ddp-1 ddp-2 fsdp-2)
 """
 
 import copy
@@ -35,12 +36,8 @@ def batch(seed: int, rows: int = 8, width: int = 12) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids * attention_mask, "attention_mask": attention_mask, "labels": labels}
 
 
-def main() -> None:
-    out, n_micro = Path(sys.argv[1]), int(sys.argv[2])
-    strategy = sys.argv[3] if len(sys.argv) > 3 else "ddp"
-    world = world_from_env()
-    device = rank_device(world, "cpu")
-    start_process_group(world, device, timeout_s=60)
+def one_step(strategy: str, n_micro: int, world, device) -> dict:
+    """What a rank sees in one step with `n_micro` micro-batches under `strategy`, on a fresh model."""
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, pad_token_id=0)
@@ -94,6 +91,18 @@ def main() -> None:
     if strategy == "ddp":
         seen["bucketed"] = sorted(n.removeprefix("module.model.") for n, p in wrapped.named_parameters()
                                   if p in set(wrapped._module_parameters))
+    return seen
+
+
+def main() -> None:
+    out, settings = Path(sys.argv[1]), sys.argv[2:]
+    world = world_from_env()
+    device = rank_device(world, "cpu")
+    start_process_group(world, device, timeout_s=60)
+    seen = {}
+    for setting in settings:  # one launch serves them all: starting two ranks costs more than a step
+        strategy, n_micro = setting.split("-")
+        seen[setting] = one_step(strategy, int(n_micro), world, device)
     (out / f"rank-{world.rank}.json").write_text(json.dumps(seen))
     end_process_group()
 
