@@ -333,8 +333,8 @@ def test_fast_attention_dropout_probes_seq2seq_lms_and_equals_sdpa_with_nothing_
     only, so the probe gives the decoder its own. BART's and Marian's encoder, decoder and cross-attention
     calls prove themselves and switch on; in training, with the masks forced empty, the loss and LoRA
     gradients are SDPA's scaled as a dropout that keeps everything scales them, and real masks repeat
-    under one seed. T5 passes its relative position bias, which `dropout_attention` does not add: it
-    keeps SDPA."""
+    under one seed. T5 passes its relative position bias, which `dropout_attention` does not add (or,
+    in older transformers, does not call the attention functions at all): it keeps SDPA."""
     import lorafit.fast as fast
     from test_seq2seq import random_batch, tiny_config
     from transformers import AutoModelForSeq2SeqLM
@@ -352,9 +352,11 @@ def test_fast_attention_dropout_probes_seq2seq_lms_and_equals_sdpa_with_nothing_
             nn.init.normal_(param, std=0.1)
     reference = copy.deepcopy(model)
     speed_up = fast.use_fast_attention_dropout(model)
-    if kind == "t5":
-        assert speed_up.note() == ("fast attention dropout: off for encoder.block.0.layer.0.SelfAttention and 2 more "
-                                   "(attention passes position_bias)")
+    if kind == "t5":  # transformers before T5 moved onto the attention functions: another reason, still off
+        assert speed_up.note() in ("fast attention dropout: off for encoder.block.0.layer.0.SelfAttention and 2 more "
+                                   "(attention passes position_bias)",
+                                   "fast attention dropout: off for the model (its attention does not call "
+                                   "transformers' attention functions)")
         assert speed_up.patched == [] and model.config._attn_implementation == "sdpa"
         return
     assert speed_up.note() == "fast attention dropout" and speed_up.patched == ENCODER_DECODER_CALLS
