@@ -164,6 +164,24 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(task, launcher, strate
     assert evaluated and all(set(get_task(task).eval_metrics) <= m.keys() for m in evaluated)
 
 
+def test_fsdp_equals_ddp_with_dropout_on(tiny_models, toy_data, tmp_path):
+    """With LoRA dropout on, 2 FSDP ranks make DDP's updates (1e-5): each rank draws the same masks
+    under either strategy. Only the unpadded encoder, on under DDP and off under FSDP, would change
+    the draws (its masks cover the real tokens alone): gradient checkpointing turns it off on both
+    sides (non-reentrant checkpointing replays the forward's random state)."""
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        out = runs[strategy] = tmp_path / strategy
+        recipe = toy_recipe(tiny_models["bert"], toy_data, out, lora={"dropout": 0.1},
+                            train={"max_steps": 6, "batch_size": 4, "precision": "fp32", "log_every": 1,
+                                   "eval_every": None, "save_every": None, "distributed": strategy,
+                                   "gradient_checkpointing": True})
+        done = lorafit_train(write_recipe(tmp_path / f"{strategy}.yaml", recipe), nproc=2)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "unpadded encoder" not in done.stdout and "fast dropout" in done.stdout
+    assert_same_run(runs["ddp"], runs["fsdp"])
+
+
 # ---------------------------------------------------------------- failures and resume
 
 STEPS = 30
