@@ -97,7 +97,9 @@ def main() -> None:
     if JOBS[TASK].batch_size % args.nproc:
         raise SystemExit(f"--nproc must divide the job's batch of {JOBS[TASK].batch_size}")
     batch, share = JOBS[TASK].batch_size, JOBS[TASK].batch_size // args.nproc
-    threads = max(1, len(os.sched_getaffinity(0)) // args.nproc)  # what lorafit gives each rank
+    from lorafit.distributed import World, cpu_share
+
+    threads = cpu_share(World(local_size=args.nproc))  # what lorafit gives each rank
     sides = {"single": ("1 process", 1, None, batch), "ddp": (f"{args.nproc} ranks DDP", args.nproc, None, share),
              "rank": (f"1 rank alone ({threads} thread(s), batch {share})", 1, threads, share)}
     results: dict[str, list[dict]] = {key: [] for key in sides}
