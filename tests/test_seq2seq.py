@@ -173,6 +173,28 @@ def test_probe_declines_logits_it_cannot_reproduce_and_the_forward_gives_the_los
     torch.testing.assert_close(seq2seq_loss(model, batch), model(**batch).loss * (batch["labels"] != -100).sum())
 
 
+def test_encoder_decoder_model_with_its_own_decoder_head_takes_the_forward_with_a_plain_reason():
+    """A warm-started EncoderDecoderModel (BERT2BERT) puts the LM head inside its decoder, whose output is
+    logits: the probe says so, rather than failing on the decoder's missing hidden state, and the
+    forward gives the model's own loss."""
+    from transformers import BertConfig, EncoderDecoderConfig, EncoderDecoderModel
+
+    from lorafit.tasks.seq2seq import loss_path, seq2seq_loss
+
+    def bert(**decoder):
+        return BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=32, pad_token_id=PAD, **decoder)
+
+    torch.manual_seed(0)
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(bert(), bert(is_decoder=True, add_cross_attention=True))
+    config.update({"decoder_start_token_id": BOS, "pad_token_id": PAD})
+    model = EncoderDecoderModel(config=config).eval()
+    assert loss_path(model).note == ("seq2seq loss from the model's forward (its decoder carries its own LM head, "
+                                     "as a warm-started EncoderDecoderModel's does)")
+    batch = random_batch()
+    torch.testing.assert_close(seq2seq_loss(model, batch), model(**batch).loss * (batch["labels"] != -100).sum())
+
+
 # ---------------------------------------------------------------- data and tokens
 
 

@@ -224,6 +224,9 @@ def probe_loss_path(model) -> Seq2SeqLossPath:
     logits (not a loss with extra terms, such as a mixture of experts' router losses). Otherwise
     the loss comes from the model's forward. Autocast is off; the global RNG is untouched.
     """
+    decoder_head = getattr(model.get_decoder(), "get_output_embeddings", None)
+    if decoder_head is not None and decoder_head() is not None:
+        return _fallback("its decoder carries its own LM head, as a warm-started EncoderDecoderModel's does")
     decoder_ids: list[torch.Tensor] = []
 
     def record_decoder_ids(module, args, kwargs):
