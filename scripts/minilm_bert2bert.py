@@ -6,13 +6,14 @@ pretrained base.
 
 The encoder is MiniLM; the decoder is MiniLM's first `--decoder-layers` layers (2 by default),
 run causally, with a cross-attention block in each layer and an LM head whose output layer is its
-(tied) word embeddings. The directory holds
-only the weights MiniLM has, under the encoder-decoder's names, as a pretrained checkpoint would:
-the cross-attention blocks and the LM head's transform are absent, so lorafit finds them "not in
-checkpoint", trains them in full and saves them with the adapter. The head's output bias is
-saved, as zeros. With `--cross-attention self` each cross-attention block is saved too, as a copy
-of its layer's pretrained self-attention, and LoRA adapts it like the rest (tried on the number-
-words recipe: it did not learn faster; see the README).
+(tied) word embeddings. The directory holds only weights a pretrained checkpoint could hold, under
+the encoder-decoder's names: MiniLM's, and each cross-attention block as a copy of its layer's
+pretrained self-attention (the number-words recipe trains those copies in full). The LM head's
+transform is absent, so lorafit finds it "not in checkpoint", trains it in full and saves it with
+the adapter; the head's output bias is saved, as zeros. With `--cross-attention random` the
+cross-attention blocks are left out too, and lorafit trains them in full from a random start: on
+the number-words recipe that start did not learn in 300 steps, where the copies reach BLEU 97 on
+held-out numbers in 200 (see the README).
 """
 
 from __future__ import annotations
@@ -35,10 +36,10 @@ def main() -> None:
     parser.add_argument("--decoder-layers", type=int, default=2,
                         help="the decoder keeps this many of MiniLM's 6 layers, the first ones (a cheaper decoder "
                              "for CPUs; the encoder keeps all)")
-    parser.add_argument("--cross-attention", choices=("random", "self"), default="random",
-                        help="self: each decoder layer's cross-attention starts as a copy of its pretrained "
-                             "self-attention (saved in the checkpoint, so LoRA adapts it); random: left out of "
-                             "the checkpoint (lorafit then trains it in full)")
+    parser.add_argument("--cross-attention", choices=("self", "random"), default="self",
+                        help="self: each decoder layer's cross-attention is saved as a copy of its pretrained "
+                             "self-attention; random: left out of the checkpoint (lorafit then trains it in full "
+                             "from its random initialization)")
     args = parser.parse_args()
     source = resolve_model(args.model)
     tokenizer = load_tokenizer(source)
