@@ -119,7 +119,7 @@ ModelArg = Annotated[Path, typer.Argument(help="A run directory, an adapter dire
 @app.command()
 @user_errors
 def merge(
-    adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory (lorafit's or PEFT's).", show_default=False)],
+    adapter_dir: Annotated[Path, typer.Argument(help="Adapter directory (lorafit's or PEFT's), or a run directory.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Directory to write the merged model to.",
                                          show_default=False)],
     dtype: DtypeOpt = "float32",

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoTokenizer
 
 from lorafit import __version__
-from lorafit.adapter import load_adapter_model
+from lorafit.adapter import find_adapter, load_adapter_model
 from lorafit.errors import LorafitError
 from lorafit.io import atomic_directory, write_json
 from lorafit.lora import lora_layers, merge_lora
@@ -130,7 +130,7 @@ def merge_adapter(adapter_dir: Path, output: Path, dtype: str = "float32", base:
     """Merge the adapter in `adapter_dir` into its base model and save a plain model to `output`.
 
     Args:
-        adapter_dir: an adapter directory (lorafit's or PEFT's).
+        adapter_dir: an adapter directory (lorafit's or PEFT's), or a run directory (its `adapter/`).
         output: the directory to write; written atomically, and only if the check passes.
         dtype: "float32", "bfloat16" or "float16": the saved weights' dtype. The merge itself is
             computed in fp32 and cast once.
@@ -146,7 +146,7 @@ def merge_adapter(adapter_dir: Path, output: Path, dtype: str = "float32", base:
     """
     if dtype not in DTYPES:
         raise LorafitError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
-    adapter_dir, output = Path(adapter_dir), Path(output)
+    adapter_dir, output = find_adapter(adapter_dir), Path(output)
     check_output_dir(output, adapter_dir, overwrite)
     model, tokenizer, spec = load_adapter_model(adapter_dir, base)
     task = get_task(spec.task)

@@ -480,7 +480,8 @@ def test_cli_train_eval_generate_merge(s2s_models, number_data, tmp_path, run_cl
     assert translation and result.stdout.strip().endswith(translation)
 
     merged = tmp_path / "merged"
-    result = run_cli("merge", run / "adapter", "--output", merged)
+    result = run_cli("merge", run,  # a run directory: its adapter/
+                     "--output", merged)
     assert result.exit_code == 0, result.output
     result = run_cli("generate", merged, "--prompt", "one two three", "--temperature", 0, "--max-new-tokens", 8)
     assert result.exit_code == 0 and result.stdout.strip().endswith(translation)
