@@ -17,13 +17,17 @@ from lorafit.train import train
 
 
 def lorafit(*args: str, debug: bool = False) -> subprocess.CompletedProcess:
+    """`python -m lorafit ARGS` in a process of its own: what a user's shell sees, import-time noise
+    included. It costs an import of torch and transformers, so most tests here use `run_cli`."""
     env = {**os.environ, "LORAFIT_DEBUG": "1" if debug else "0", "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "lorafit", *map(str, args)], capture_output=True, text=True, env=env,
                           timeout=120)
 
 
 def assert_one_line_error(result, message: str) -> None:
-    assert result.returncode == 2, result.stderr
+    """`result`, of `lorafit` or `run_cli`, is bad input: exit code 2 and `message` alone on stderr."""
+    code = result.returncode if isinstance(result, subprocess.CompletedProcess) else result.exit_code
+    assert code == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: {message}"
 
@@ -36,14 +40,14 @@ def train_error(run_cli, tmp_path, raw: dict, *args: str) -> str:
     return " ".join(result.stderr.split())
 
 
-def test_unknown_key_suggests_a_fix(tmp_path):
+def test_unknown_key_suggests_a_fix(tmp_path, run_cli):
     recipe = write_recipe(tmp_path / "r.yaml", {"name": "r", "model": {"name": "m"}, "lora": {"rnak": 4}})
-    assert_one_line_error(lorafit("validate", recipe), f"{recipe}: lora.rnak: unknown key (did you mean 'lora.rank'?)")
+    assert_one_line_error(run_cli("validate", recipe), f"{recipe}: lora.rnak: unknown key (did you mean 'lora.rank'?)")
 
 
-def test_wrong_type_from_set(tmp_path):
+def test_wrong_type_from_set(tmp_path, run_cli):
     recipe = write_recipe(tmp_path / "r.yaml", {"name": "r", "model": {"name": "m"}})
-    assert_one_line_error(lorafit("train", recipe, "--set", "train.epochs=two"),
+    assert_one_line_error(run_cli("train", recipe, "--set", "train.epochs=two"),
                           f"{recipe}: train.epochs: 'two' (str) is not valid: expected an integer")
 
 
@@ -57,9 +61,9 @@ def test_debug_shows_the_traceback(tmp_path):
     assert "Traceback" in result.stderr and "LorafitError: recipe file not found" in result.stderr
 
 
-def test_validate_accepts_a_good_recipe():
-    result = lorafit("validate", "configs/newsgroups.yaml")
-    assert result.returncode == 0
+def test_validate_accepts_a_good_recipe(run_cli):
+    result = run_cli("validate", "configs/newsgroups.yaml")
+    assert result.exit_code == 0
     assert "configs/newsgroups.yaml is a valid recipe" in result.stdout
 
 

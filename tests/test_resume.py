@@ -78,7 +78,7 @@ def test_resume_from_a_checkpoint_reproduces_the_run(reference_run, tiny_models,
 
 # The kill step is drawn from a fixed seed, named in the test id: a failure replays with the same step.
 @pytest.mark.parametrize("kill_seed", [1], ids=lambda seed: f"kill_seed={seed}")
-def test_sigkill_at_a_random_step_then_resume(kill_seed, reference_run, tiny_models, toy_data, tmp_path):
+def test_sigkill_at_a_random_step_then_resume(kill_seed, reference_run, tiny_models, toy_data, tmp_path, run_cli):
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", resume_recipe(tiny_models, toy_data, out))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -99,9 +99,8 @@ def test_sigkill_at_a_random_step_then_resume(kill_seed, reference_run, tiny_mod
     assert not (out / "adapter").exists()
     where += f" (the last step it logged: {max(train_losses(out))})"
 
-    resumed = subprocess.run([sys.executable, "-m", "lorafit", "train", str(recipe), "--resume"], env=env,
-                             capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, f"{where}; resume failed: {resumed.stderr}"
+    resumed = run_cli("train", recipe, "--resume")  # in this process: only the killed run needs its own
+    assert resumed.exit_code == 0, f"{where}; resume failed: {resumed.output}"
     assert_same_adapter(out / "adapter", reference_run / "adapter", where)
     expected, got = train_losses(reference_run), train_losses(out)
     assert sorted(got) == sorted(expected), where
@@ -109,7 +108,7 @@ def test_sigkill_at_a_random_step_then_resume(kill_seed, reference_run, tiny_mod
         assert got[step] == pytest.approx(expected[step], abs=1e-6), f"{where}; loss of step {step}"
 
 
-def test_sigterm_checkpoints_and_prints_the_resume_command(reference_run, tiny_models, toy_data, tmp_path):
+def test_sigterm_checkpoints_and_prints_the_resume_command(reference_run, tiny_models, toy_data, tmp_path, run_cli):
     out = tmp_path / "run"
     recipe = write_recipe(tmp_path / "r.yaml", resume_recipe(tiny_models, toy_data, out))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "300"}
@@ -127,9 +126,8 @@ def test_sigterm_checkpoints_and_prints_the_resume_command(reference_run, tiny_m
     stopped_at = max(train_losses(out))
     assert (out / "checkpoints" / f"step-{stopped_at}" / STATE_FILE).is_file()
 
-    resumed = subprocess.run([sys.executable, "-m", "lorafit", "train", str(recipe), "--set", "train.log_every=1",
-                              "--resume"], env=env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr
+    resumed = run_cli("train", recipe, "--set", "train.log_every=1", "--resume")
+    assert resumed.exit_code == 0, resumed.output
     assert_same_adapter(out / "adapter", reference_run / "adapter")
 
 
