@@ -195,6 +195,45 @@ def test_encoder_decoder_model_with_its_own_decoder_head_takes_the_forward_with_
     torch.testing.assert_close(seq2seq_loss(model, batch), model(**batch).loss * (batch["labels"] != -100).sum())
 
 
+@pytest.mark.parametrize("cross_attention", ["self", "random"])
+def test_bert2bert_script_saves_what_a_pretrained_checkpoint_would(cross_attention, tiny_models, tmp_path,
+                                                                   monkeypatch):
+    """scripts/minilm_bert2bert.py on a tiny BERT: the encoder's weights, the decoder's first layer, and
+    (with `self`) each cross-attention block as a copy of its layer's self-attention; lorafit then finds
+    only the LM head's transform (and, with `random`, the cross-attention) not in the checkpoint."""
+    import runpy
+    import sys
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForSeq2SeqLM
+
+    from lorafit.models import modules_not_loaded
+
+    out = tmp_path / "b2b"
+    script = Path(__file__).parents[1] / "scripts" / "minilm_bert2bert.py"
+    monkeypatch.setattr(sys, "argv", [str(script), str(out), "--model", str(tiny_models["bert"]),
+                                      "--decoder-layers", "1", "--cross-attention", cross_attention])
+    runpy.run_path(str(script), run_name="__main__")
+    saved = load_file(out / "model.safetensors")
+    body = load_file(tiny_models["bert"] / "model.safetensors")
+    assert torch.equal(saved["encoder.encoder.layer.1.attention.self.query.weight"],
+                       body["bert.encoder.layer.1.attention.self.query.weight"])
+    assert torch.equal(saved["decoder.bert.encoder.layer.0.attention.self.value.weight"],
+                       body["bert.encoder.layer.0.attention.self.value.weight"])
+    assert not any(name.startswith("decoder.bert.encoder.layer.1.") for name in saved)  # one decoder layer
+    crossed = sorted(name for name in saved if ".crossattention." in name)
+    if cross_attention == "self":
+        assert crossed
+        for name in crossed:
+            torch.testing.assert_close(saved[name], saved[name.replace(".crossattention.", ".attention.")],
+                                       rtol=0, atol=0)
+    else:
+        assert crossed == []
+    model, info = AutoModelForSeq2SeqLM.from_pretrained(out, output_loading_info=True)
+    expected = ["decoder.bert.encoder.layer.0.crossattention"] if cross_attention == "random" else []
+    assert modules_not_loaded(model, info["missing_keys"]) == expected + ["decoder.cls.predictions.transform"]
+
+
 # ---------------------------------------------------------------- data and tokens
 
 
