@@ -23,10 +23,12 @@ def test_curve(run: Path) -> dict[int, float]:
 
 
 def describe(run: Path) -> str:
-    """The run's init and rank settings, as its recipe gives them."""
-    lora = load_recipe(run / "recipe.yaml").lora
+    """The run's rank, init and lr settings, as its recipe gives them."""
+    recipe = load_recipe(run / "recipe.yaml")
+    lora = recipe.lora
     schedule = ", ".join(f"{step}: {rank:g}" for step, rank in sorted(lora.rank_schedule.items()))
-    return f"rank {lora.rank}, init {lora.init}" + (f", schedule {{{schedule}}}" if schedule else "")
+    return (f"rank {lora.rank}, init {lora.init}, lr {recipe.optim.lr:g}"
+            + (f", schedule {{{schedule}}}" if schedule else ""))
 
 
 def final_ranks(run: Path) -> str:
